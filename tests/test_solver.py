@@ -1,0 +1,178 @@
+"""Spectral DeTuning on synthetic LoRA stacks: accuracy, properties, API."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import detune_jax as dj
+from detune_jax.synthetic import lora_stack
+
+
+def test_vit_shape_reaches_paper_precision_and_beats_mean_lora():
+  W, W_primes = lora_stack(0, 768, 768, n=5, rank=16)
+  W_rec, diag = dj.spectral_detuning(W_primes, rank=16, steps=300)
+  assert float(dj.w_error(W_rec, W)) <= -15.0
+  assert float(dj.w_error(dj.mean_lora(W_primes), W)) > -7.0
+  assert int(diag.steps) == 300
+  assert diag.loss.shape == (300,) and diag.rank.shape == (300, 5)
+  # The scheduler starts at rank 1 and the end rank is forced by step 150.
+  assert (np.asarray(diag.rank[0]) == 1).all()
+  assert (np.asarray(diag.rank[150:]) == 16).all()
+  assert float(diag.loss[-1]) < 1e-3 * float(diag.loss[0])
+
+
+@pytest.mark.parametrize("shape", [(96, 96), (160, 48), (40, 128)],
+                         ids=["square", "tall", "wide"])
+def test_shapes(shape):
+  d, k = shape
+  W, W_primes = lora_stack(1, d, k, n=5, rank=4)
+  W_rec, _ = dj.spectral_detuning(W_primes, rank=4, steps=200)
+  assert W_rec.shape == (d, k)
+  assert float(dj.w_error(W_rec, W)) <= -13.0
+  assert float(dj.w_error(dj.mean_lora(W_primes), W)) > -9.0
+
+
+def test_per_lora_ranks():
+  ranks = (4, 8, 16, 16, 32)
+  W, W_primes = lora_stack(2, 256, 192, n=5, rank=ranks)
+  W_rec, diag = dj.spectral_detuning(W_primes, rank=ranks, steps=300)
+  assert float(dj.w_error(W_rec, W)) <= -13.0
+  np.testing.assert_array_equal(diag.final_rank, ranks)
+  # Each LoRA's working rank is capped at its own rank at every step.
+  assert (np.asarray(diag.rank) <= np.asarray(ranks)[None]).all()
+  # One rank for all (the largest) is the worse model of these fine-tunes.
+  W_one, _ = dj.spectral_detuning(W_primes, rank=32, steps=300)
+  assert float(dj.w_error(W_one, W)) > float(dj.w_error(W_rec, W)) + 1.0
+
+
+@pytest.mark.parametrize("svd", ["exact", "randomized", "subspace"])
+def test_svd_methods_agree(svd):
+  W, W_primes = lora_stack(3, 64, 48, n=4, rank=3)
+  W_rec, _ = dj.spectral_detuning(W_primes, rank=3, steps=150, svd=svd)
+  assert float(dj.w_error(W_rec, W)) <= -13.0
+  W_exact, _ = dj.spectral_detuning(W_primes, rank=3, steps=150, svd="exact")
+  np.testing.assert_allclose(W_rec, W_exact, atol=1e-6)
+
+
+def test_truncated_svd_methods_agree_on_separated_spectrum():
+  key = jax.random.key(0)
+  U, _ = jnp.linalg.qr(jax.random.normal(key, (80, 6)))
+  V, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(1), (50, 6)))
+  s = jnp.array([10.0, 5.0, 3.0, 2.0, 0.02, 0.01])  # gap after 4
+  A = (U * s) @ V.T + 1e-4 * jax.random.normal(jax.random.key(2), (80, 50))
+  ref = dj.truncated_svd(A, 4, "exact")
+  for method in ("randomized", "subspace"):
+    Ua, Sa, Va = dj.truncated_svd(A, 4, method, key=jax.random.key(3))
+    np.testing.assert_allclose(Sa, ref[1], rtol=1e-4)
+    np.testing.assert_allclose((Ua * Sa) @ Va.T, (ref[0] * ref[1]) @ ref[2].T,
+                               atol=1e-4)
+
+
+def test_layer_batch_equals_per_layer_calls():
+  stacks, truths = zip(*[lora_stack(s, 48, 40, n=3, rank=2)[::-1]
+                         for s in range(3)])
+  batch = jnp.stack(stacks)                                 # [L, n, d, k]
+  W_b, diag_b = dj.spectral_detuning(batch, rank=2, steps=80)
+  assert W_b.shape == (3, 48, 40) and diag_b.loss.shape == (3, 80)
+  for l in range(3):
+    W_l, diag_l = dj.spectral_detuning(stacks[l], rank=2, steps=80)
+    np.testing.assert_allclose(W_b[l], W_l, atol=1e-6)
+    np.testing.assert_array_equal(diag_b.rank[l], diag_l.rank)
+  assert float(dj.w_error(W_b, jnp.stack(truths))) <= -12.0
+
+
+def test_jax_vmap_over_layers_directly():
+  batch = jnp.stack([lora_stack(s, 32, 24, n=3, rank=2)[1] for s in range(2)])
+  fn = jax.vmap(lambda x: dj.spectral_detuning(x, rank=2, steps=30)[0])
+  np.testing.assert_allclose(
+      fn(batch)[1], dj.spectral_detuning(batch[1], rank=2, steps=30)[0],
+      atol=1e-6)
+
+
+@pytest.mark.parametrize("svd", ["randomized", "subspace"])
+def test_permuting_loras_does_not_change_result(svd):
+  W, W_primes = lora_stack(4, 64, 64, n=5, rank=(2, 4, 4, 6, 8))
+  ranks = np.array([2, 4, 4, 6, 8])
+  perm = np.array([3, 0, 4, 2, 1])
+  W_a, _ = dj.spectral_detuning(W_primes, tuple(ranks), steps=120, svd=svd)
+  W_b, _ = dj.spectral_detuning(W_primes[perm], tuple(ranks[perm]), steps=120,
+                                svd=svd)
+  np.testing.assert_allclose(W_a, W_b, atol=1e-6)
+
+
+def test_adding_a_matrix_to_every_input_adds_it_to_the_recovery():
+  W, W_primes = lora_stack(5, 64, 48, n=4, rank=3)
+  C = 0.05 * jax.random.normal(jax.random.key(9), (64, 48))
+  W_a, _ = dj.spectral_detuning(W_primes, 3, steps=100, svd="exact")
+  W_b, _ = dj.spectral_detuning(W_primes + C, 3, steps=100, svd="exact")
+  np.testing.assert_allclose(W_b, W_a + C, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_low_precision_inputs(dtype):
+  W, W_primes = lora_stack(6, 128, 96, n=5, rank=4, dtype=dtype)
+  W_rec, diag = dj.spectral_detuning(W_primes, 4, steps=150)
+  assert W_rec.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(W_rec)))
+  err, base = float(dj.w_error(W_rec, W)), float(dj.w_error(
+      dj.mean_lora(W_primes), W))
+  assert err < base - 1.0
+  # Same as solving the upcast stack: the input dtype only changes rounding.
+  W_up, _ = dj.spectral_detuning(W_primes.astype(jnp.float32), 4, steps=150)
+  np.testing.assert_array_equal(W_rec, W_up)
+
+
+def test_tolerance_stops_early_and_pads_trace():
+  W, W_primes = lora_stack(7, 64, 48, n=4, rank=4)
+  W_rec, diag = dj.spectral_detuning(W_primes, 4, steps=300, tol=1e-3,
+                                     schedule=dj.RankSchedule(kind="fixed"))
+  steps = int(diag.steps)
+  assert 1 < steps < 300
+  assert np.isnan(np.asarray(diag.loss[steps:])).all()
+  assert (np.asarray(diag.rank[steps:]) == 0).all()
+  assert float(diag.final_loss) == float(diag.loss[steps - 1])
+  assert float(dj.w_error(W_rec, W)) <= -12.0
+
+
+def test_init_seeds_the_solver():
+  W, W_primes = lora_stack(8, 64, 48, n=4, rank=3)
+  W_rec, diag = dj.spectral_detuning(W_primes, 3, steps=1, init=W,
+                                     schedule=dj.RankSchedule(kind="fixed"))
+  # Started at the truth, one step keeps it there.
+  assert float(dj.w_error(W_rec, W)) <= -13.0
+  assert float(diag.loss[0]) < 1e-12
+
+
+def test_fixed_rank_ablation_is_available():
+  W, W_primes = lora_stack(9, 64, 48, n=5, rank=4)
+  _, diag = dj.spectral_detuning(W_primes, 4, steps=20,
+                                 schedule=dj.RankSchedule(kind="fixed"))
+  assert (np.asarray(diag.rank) == 4).all()
+
+
+def test_loss_trace_matches_eq3_loss_of_the_result():
+  W, W_primes = lora_stack(10, 48, 40, n=3, rank=2)
+  W_rec, diag = dj.spectral_detuning(W_primes, 2, steps=60, svd="exact")
+  # Eq. 3 with the optimal M_i for the final W is at most the traced loss.
+  loss = float(dj.detuning_loss(W_primes, W_rec, 2))
+  assert loss <= float(diag.final_loss) * (1 + 1e-3) + 1e-20
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(rank=0), "rank must be >= 1"),
+    (dict(rank=50), "larger than the layer allows"),
+    (dict(rank=(2, 2)), "3 fine-tuned"),
+    (dict(rank=2, svd="qr"), "unknown svd"),
+    (dict(rank=2, steps=0), "steps must be"),
+])
+def test_bad_arguments(bad, match):
+  _, W_primes = lora_stack(0, 48, 40, n=3, rank=2)
+  with pytest.raises(ValueError, match=match):
+    dj.spectral_detuning(W_primes, **bad)
+
+
+def test_needs_two_models():
+  _, W_primes = lora_stack(0, 16, 16, n=2, rank=2)
+  with pytest.raises(ValueError, match="at least 2"):
+    dj.spectral_detuning(W_primes[:1], 2)
