@@ -1,0 +1,795 @@
+"""Whole-model recovery: detect -> group by shape -> batch -> solve -> write.
+
+:func:`recover` takes n fine-tuned models (safetensors files or HF
+directories, or the LoRAs of a LoWRA Bench subset) and writes the recovered
+base model to ``OUT/model.safetensors`` (sharded like the input), a report
+to ``OUT/report.json`` and its progress to an orbax checkpoint under
+``OUT/checkpoint`` after every layer group, so that a killed run started
+again with the same settings resumes where it stopped.
+
+Steps:
+
+1. Open and check the inputs (names, shapes, dtypes, file integrity) and the
+   output directory (``OUT/run.json`` must hold the same run fingerprint).
+2. Scan: read each tensor of the n models (memory-mapped, one tensor at a
+   time). Bit-identical tensors are copied through. A differing tensor of 2+
+   dims is a LoRA layer (conv kernels ``[o, i, kh, kw]`` are solved as
+   ``[o, i*kh*kw]``); its values must be finite, and with ``rank="auto"`` its
+   per-LoRA ranks are estimated (:func:`detune_jax.estimate_rank_details`).
+   A differing 1-D tensor (bias, norm) cannot be a LoRA update: it is
+   written as the mean of the models and listed under ``averaged``. A
+   differing non-float tensor is copied from the first model (``first``).
+3. Group LoRA layers by (matrix shape, ranks) and cut the groups into batches
+   that fit ``max_memory_gb``; each batch is solved at once (vmapped, sharded
+   over the local devices by :func:`detune_jax.parallel.solve_layers`).
+4. Assemble the output files from the checkpoint and the first model.
+
+Ambiguous rank estimates (``rank="auto"``) follow ``ambiguous_rank``:
+``"error"`` (default; bad input naming the tensor), ``"guess"`` (use the
+estimator's best guess), ``"mean"`` (treat the tensor as averaged) or an int
+(use that rank).
+
+Multi-process (after :func:`initialize_distributed`): every process opens the
+inputs, scans a strided share of the tensors (results are all-gathered), then
+solves only the layer groups it owns, reading only their tensors. Process 0
+saves into the orbax checkpoint; the others write part files that process 0
+moves into it, then process 0 writes the model and the report; the others wait
+for the report. The output is byte-identical to a one-process run. All
+processes must see the same output directory (a shared filesystem).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import jax
+import numpy as np
+from absl import logging
+
+from detune_jax import metrics
+from detune_jax.io.errors import BadInputError
+from detune_jax.io.lowra import LowraBench
+from detune_jax.io.models import (ModelFiles, check_same_tensors,
+                                  output_layout, write_index)
+from detune_jax.io.progress import (RUN_FILE, Progress, fingerprint, read_json,
+                                    write_json_atomic)
+from detune_jax.io.safetensors_io import DTYPES, FLOAT_DTYPES, SafetensorsWriter
+from detune_jax.parallel import solve_layers
+from detune_jax.solvers import detection, rank_estimation, registry
+
+FORMAT_VERSION = 1
+REPORT_FILE = "report.json"
+PLAN_FILE = "plan.json"
+KINDS = ("copy", "lora", "mean", "first")
+RANK_SOURCES = ("flag", "estimated", "guess", "fallback")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoverConfig:
+  """Settings of :func:`recover`.
+
+  Attributes:
+    models: paths of the fine-tuned models (files or HF directories).
+    output_dir: where the model, report and checkpoint go.
+    rank: ``"auto"`` (estimate per layer and per LoRA) or an int.
+    steps: solver steps per layer.
+    seed: solver seed.
+    solver: a name in :data:`detune_jax.solvers.registry.SOLVERS`.
+    solver_options: extra keyword arguments of the solver.
+    max_memory_gb: memory budget of one batch of layers.
+    ground_truth: optional path of the true base model (evaluation only).
+    lowra_bench: path of a local LoWRA Bench copy (instead of ``models``).
+    subset: LoWRA Bench subset, e.g. ``"vit"``.
+    n_loras: number of LoWRA Bench LoRAs (the first ones) when ``lora_ids``
+      is empty.
+    lora_ids: LoWRA Bench LoRA indices to use.
+    ambiguous_rank: ``"error"``, ``"guess"``, ``"mean"`` or an int (as str).
+    max_rank: largest per-LoRA rank ``rank="auto"`` considers.
+    plots: also write PNG plots.
+  """
+  models: Tuple[str, ...] = ()
+  output_dir: str = ""
+  rank: str = "auto"
+  steps: int = 300
+  seed: int = 0
+  solver: str = "spectral_detuning"
+  solver_options: Tuple[Tuple[str, object], ...] = ()
+  max_memory_gb: float = 4.0
+  ground_truth: Optional[str] = None
+  lowra_bench: Optional[str] = None
+  subset: Optional[str] = None
+  n_loras: int = 5
+  lora_ids: Tuple[int, ...] = ()
+  ambiguous_rank: str = "error"
+  max_rank: int = 256
+  plots: bool = False
+
+
+class TensorPlan(NamedTuple):
+  """What happens to one tensor.
+
+  Attributes:
+    name, dtype, shape: as in the input files.
+    kind: ``"copy"`` (identical in all models), ``"lora"`` (solved),
+      ``"mean"`` (averaged) or ``"first"`` (non-float, from the first model).
+    ranks: per-LoRA ranks (``"lora"`` only).
+    rank_source: ``"flag"``, ``"estimated"``, ``"guess"`` or ``"fallback"``.
+  """
+  name: str
+  dtype: str
+  shape: Tuple[int, ...]
+  kind: str
+  ranks: Tuple[int, ...] = ()
+  rank_source: str = ""
+
+
+class Group(NamedTuple):
+  """A batch of same-shape, same-rank layers solved together."""
+  index: int
+  names: Tuple[str, ...]
+  matrix_shape: Tuple[int, int]
+  ranks: Tuple[int, ...]
+
+
+def matrix_shape(shape: Sequence[int]) -> Tuple[int, int]:
+  """The 2-D matrix a tensor is solved as: ``[d, prod(rest)]``."""
+  return int(shape[0]), int(math.prod(shape[1:]))
+
+
+def layer_bytes(d: int, k: int, n: int) -> int:
+  """Estimated solver memory of one ``[n, d, k]`` layer (float32 work
+  arrays: the stack, residuals, low-rank terms and a few ``[d, k]``)."""
+  return 4 * d * k * (3 * n + 6)
+
+
+def initialize_distributed(coordinator_address: str, num_processes: int,
+                           process_id: int):
+  """``jax.distributed.initialize`` for multi-process recovery.
+
+  On CPU the cross-process collectives use gloo. Must run before any JAX
+  computation. A no-op for ``num_processes <= 1``.
+  """
+  if num_processes <= 1:
+    return
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes,
+                             process_id=process_id,
+                             shutdown_timeout_seconds=3600)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+class Inputs(NamedTuple):
+  models: list
+  ground_truth: object
+  identity: dict
+  lowra: Optional[LowraBench]
+
+
+def _parse_rank(rank):
+  if isinstance(rank, (int, np.integer)):
+    r = int(rank)
+  elif str(rank).strip().lower() == "auto":
+    return "auto"
+  else:
+    try:
+      r = int(str(rank))
+    except ValueError:
+      raise BadInputError("--rank", f"must be 'auto' or a positive int, got "
+                          f"{rank!r}")
+  if r < 1:
+    raise BadInputError("--rank", f"must be >= 1, got {r}")
+  return r
+
+
+def _parse_ambiguous(policy):
+  policy = str(policy).strip().lower()
+  if policy in ("error", "guess", "mean"):
+    return policy
+  try:
+    r = int(policy)
+  except ValueError:
+    r = 0
+  if r < 1:
+    raise BadInputError("--ambiguous_rank", "must be error, guess, mean or a "
+                        f"positive int, got {policy!r}")
+  return r
+
+
+def open_inputs(config: RecoverConfig) -> Inputs:
+  """Opens and checks the models (or LoWRA Bench) and the ground truth.
+
+  Raises:
+    BadInputError: fewer than 2 models, missing/corrupt/pickle files,
+      tensors that differ in name, shape or dtype.
+  """
+  if config.solver not in registry.SOLVERS:
+    raise BadInputError("--solver", f"unknown solver {config.solver!r}; "
+                        f"known: {sorted(registry.SOLVERS)}")
+  if config.steps < 1:
+    raise BadInputError("--steps", f"must be >= 1, got {config.steps}")
+  if not config.max_memory_gb > 0:
+    raise BadInputError("--max_memory_gb", "must be > 0")
+  _parse_rank(config.rank)
+  _parse_ambiguous(config.ambiguous_rank)
+  if config.lowra_bench:
+    if config.models:
+      raise BadInputError("--models", "give --models or --lowra_bench, not "
+                          "both")
+    n = len(config.lora_ids) or config.n_loras
+    if n < 2:
+      raise BadInputError("--n_loras", f"need at least 2 models, got {n}")
+    bench = LowraBench(config.lowra_bench, config.subset,
+                       lora_ids=config.lora_ids, n_loras=config.n_loras)
+    return Inputs(bench.models, bench.ground_truth,
+                  {"lowra": bench.identity()}, bench)
+  if len(config.models) < 2:
+    raise BadInputError(config.models[0] if config.models else "--models",
+                        f"need at least 2 fine-tuned models, got "
+                        f"{len(config.models)}")
+  models = [ModelFiles(p) for p in config.models]
+  check_same_tensors(models)
+  gt = None
+  if config.ground_truth:
+    gt = ModelFiles(config.ground_truth)
+  identity = {"models": [m.identity() for m in models],
+              "ground_truth": gt.identity() if gt else None}
+  return Inputs(models, gt, identity, None)
+
+
+def run_fingerprint(config: RecoverConfig, inputs: Inputs) -> str:
+  """Fingerprint of everything that changes the output files."""
+  return fingerprint({
+      "format": FORMAT_VERSION, "inputs": inputs.identity,
+      "rank": str(config.rank), "steps": config.steps, "seed": config.seed,
+      "solver": config.solver, "solver_options": list(config.solver_options),
+      "max_memory_gb": config.max_memory_gb,
+      "ambiguous_rank": str(config.ambiguous_rank),
+      "max_rank": config.max_rank})
+
+
+def check_output_dir(out_dir: str, fp: str) -> Optional[dict]:
+  """Checks that ``out_dir`` is empty, new, or holds this very run.
+
+  Returns:
+    The finished report when this run already completed there, else None.
+
+  Raises:
+    BadInputError: the directory holds a different run.
+  """
+  if not os.path.exists(out_dir):
+    return None
+  if not os.path.isdir(out_dir):
+    raise BadInputError(out_dir, "output path exists and is not a directory")
+  run = read_json(os.path.join(out_dir, RUN_FILE))
+  if run is not None:
+    if run.get("fingerprint") != fp:
+      raise BadInputError(out_dir, "output directory holds a different run "
+                          "(other inputs or flags); use a new --output_dir")
+  else:
+    for f in (REPORT_FILE, "model.safetensors", "model.safetensors.index.json",
+              "checkpoint"):
+      if os.path.exists(os.path.join(out_dir, f)):
+        raise BadInputError(out_dir, f"output directory holds {f} of another "
+                            "run; use a new --output_dir")
+    return None
+  report = read_json(os.path.join(out_dir, REPORT_FILE))
+  if (report and report.get("fingerprint") == fp and report.get("complete")
+      and all(os.path.exists(os.path.join(out_dir, f))
+              for f in report.get("output_files", []))):
+    return report
+  return None
+
+
+# ------------------------------------------------------------------ scan
+
+
+def _scan_tensor(name, inputs: Inputs, rank, policy, config) -> Tuple[
+    TensorPlan, Optional[str]]:
+  """Plans one tensor; returns ``(plan, warning or None)``."""
+  models = inputs.models
+  info = models[0].info(name)
+  arrays = [m.read(name) for m in models]
+  if not detection.is_finetuned(arrays):
+    return TensorPlan(name, info.dtype, info.shape, "copy"), None
+  if info.dtype not in FLOAT_DTYPES:
+    return (TensorPlan(name, info.dtype, info.shape, "first"),
+            f"{name}: non-float tensor differs between models; copied from "
+            f"{models[0].path}")
+  for m, a in zip(models, arrays):
+    if not np.isfinite(np.asarray(a, np.float32)).all():
+      raise BadInputError(m.file_of(name), "non-finite values (nan or inf) "
+                          "in a fine-tuned tensor", tensor=name)
+  gt = inputs.ground_truth
+  if gt is not None:
+    if name not in set(gt.names):
+      raise BadInputError(getattr(gt, "path", "--ground_truth"), "fine-tuned "
+                          "tensor missing from the ground truth", tensor=name)
+    if tuple(gt.info(name).shape) != tuple(info.shape):
+      raise BadInputError(gt.file_of(name), f"ground-truth shape "
+                          f"{list(gt.info(name).shape)} != {list(info.shape)}",
+                          tensor=name)
+  if len(info.shape) < 2:
+    return TensorPlan(name, info.dtype, info.shape, "mean"), None
+  d, k = matrix_shape(info.shape)
+  n = len(models)
+  file = models[0].file_of(name)
+
+  def checked(ranks, source, what):
+    if max(ranks) > min(d, k):
+      raise BadInputError(file, f"{what} {max(ranks)} is too large for this "
+                          f"layer: [{d}, {k}] allows at most {min(d, k)}",
+                          tensor=name)
+    return TensorPlan(name, info.dtype, info.shape, "lora", tuple(ranks),
+                      source)
+
+  if rank != "auto":
+    return checked((rank,) * n, "flag", "--rank"), None
+  stack = np.stack([np.asarray(a, np.float32).reshape(d, k) for a in arrays])
+  est = rank_estimation.estimate_rank_details(
+      stack, max_rank=min(config.max_rank, min(d, k)), seed=config.seed)
+  if not est.ambiguous:
+    return checked(est.ranks, "estimated", "estimated rank"), None
+  if policy == "error":
+    raise BadInputError(file, f"--rank=auto cannot tell the LoRA rank: "
+                        f"{est.reason}; give --rank=N or "
+                        f"--ambiguous_rank=guess|mean|N", tensor=name)
+  warn = f"{name}: ambiguous rank estimate ({est.reason}); "
+  if policy == "mean":
+    return (TensorPlan(name, info.dtype, info.shape, "mean"),
+            warn + "averaged instead")
+  if policy == "guess":
+    return (checked(est.ranks, "guess", "guessed rank"),
+            warn + f"using the guess {list(est.ranks)}")
+  return (checked((policy,) * n, "fallback", "--ambiguous_rank"),
+          warn + f"using rank {policy}")
+
+
+def _encode(p: TensorPlan, n: int) -> np.ndarray:
+  row = np.zeros(3 + n, np.int32)
+  row[0] = 1
+  row[1] = KINDS.index(p.kind)
+  row[2] = RANK_SOURCES.index(p.rank_source) if p.rank_source else -1
+  if p.ranks:
+    row[3:] = p.ranks
+  return row
+
+
+def scan(inputs: Inputs, config: RecoverConfig) -> List[TensorPlan]:
+  """Plans every tensor (see the module docstring); all processes share it.
+
+  Raises:
+    BadInputError: non-finite values in a fine-tuned tensor, a rank too
+      large for a layer, an ambiguous rank with ``ambiguous_rank="error"``,
+      a fine-tuned tensor missing from the ground truth.
+  """
+  models = inputs.models
+  names = list(models[0].names)
+  n = len(models)
+  rank = _parse_rank(config.rank)
+  policy = _parse_ambiguous(config.ambiguous_rank)
+  pid, nproc = jax.process_index(), jax.process_count()
+  local = np.zeros((len(names), 3 + n), np.int32)
+  warnings, error = [], None
+  for t in range(pid, len(names), nproc):
+    try:
+      plan, warn = _scan_tensor(names[t], inputs, rank, policy, config)
+    except BadInputError as e:
+      if nproc == 1:
+        raise
+      error = e
+      local[t, 0] = -1
+      break
+    local[t] = _encode(plan, n)
+    if warn:
+      warnings.append(warn)
+  if nproc > 1:
+    from jax.experimental import multihost_utils
+    gathered = np.asarray(multihost_utils.process_allgather(local))
+    table = np.zeros_like(local)
+    for t in range(len(names)):
+      table[t] = gathered[t % nproc, t]
+    bad = np.nonzero(table[:, 0] == -1)[0]
+    if bad.size:
+      t = int(bad[0])
+      if error is not None:
+        raise error
+      raise BadInputError(models[0].file_of(names[t]), f"bad input found by "
+                          f"process {t % nproc} (see its error)",
+                          tensor=names[t])
+  else:
+    table = local
+  for w in warnings:
+    logging.warning("%s", w)
+  plans = []
+  for t, name in enumerate(names):
+    info = models[0].info(name)
+    kind = KINDS[table[t, 1]]
+    src = RANK_SOURCES[table[t, 2]] if table[t, 2] >= 0 else ""
+    ranks = tuple(int(r) for r in table[t, 3:]) if kind == "lora" else ()
+    plans.append(TensorPlan(name, info.dtype, tuple(info.shape), kind, ranks,
+                            src))
+  return plans
+
+
+def make_groups(plans: Sequence[TensorPlan], n: int,
+                max_memory_gb: float) -> List[Group]:
+  """Batches the LoRA layers by (matrix shape, ranks) under the budget.
+
+  Layers keep their order in the model; a batch holds at least one layer.
+  """
+  by_key: Dict[tuple, List[str]] = {}
+  for p in plans:
+    if p.kind == "lora":
+      by_key.setdefault((matrix_shape(p.shape), p.ranks), []).append(p.name)
+  groups = []
+  budget = max_memory_gb * 2**30
+  for (mshape, ranks), names in by_key.items():
+    per = max(1, int(budget // layer_bytes(*mshape, n)))
+    for s in range(0, len(names), per):
+      groups.append(Group(len(groups), tuple(names[s:s + per]), mshape, ranks))
+  return groups
+
+
+def assign_groups(groups: Sequence[Group], nproc: int) -> List[int]:
+  """Owner process of each group: largest first to the least loaded."""
+  load = [0] * nproc
+  owner = [0] * len(groups)
+  cost = lambda g: len(g.names) * g.matrix_shape[0] * g.matrix_shape[1]
+  for g in sorted(groups, key=lambda g: (-cost(g), g.index)):
+    p = min(range(nproc), key=lambda i: (load[i], i))
+    owner[g.index] = p
+    load[p] += cost(g)
+  return owner
+
+
+# ----------------------------------------------------------------- solve
+
+
+def solve_group(group: Group, inputs: Inputs, plans: Dict[str, TensorPlan],
+                config: RecoverConfig) -> Dict[str, np.ndarray]:
+  """Reads and solves one batch of layers.
+
+  Returns:
+    The checkpoint tree: ``W_<l>`` (recovered, in the layer's dtype),
+    ``loss`` ``[L, steps]``, ``steps`` ``[L]``, ``final_rank`` ``[L, n]``,
+    ``final_loss`` ``[L]``, ``w_error`` / ``mean_lora_w_error`` ``[L]``
+    (nan without ground truth) and ``seconds``.
+  """
+  t0 = time.time()
+  d, k = group.matrix_shape
+  n = len(inputs.models)
+  L = len(group.names)
+  stack = np.empty((L, n, d, k), np.float32)
+  for l, name in enumerate(group.names):
+    for i, m in enumerate(inputs.models):
+      stack[l, i] = np.asarray(m.read(name), np.float32).reshape(d, k)
+  ranks = group.ranks
+  rank_arg = ranks[0] if len(set(ranks)) == 1 else tuple(ranks)
+  W, diag = solve_layers(stack, rank_arg, devices=jax.local_devices(),
+                         solver=config.solver, steps=config.steps,
+                         seed=config.seed, **dict(config.solver_options))
+  W = np.asarray(W, np.float32)
+  tree = {}
+  w_err = np.full(L, np.nan, np.float32)
+  mean_err = np.full(L, np.nan, np.float32)
+  gt = inputs.ground_truth
+  for l, name in enumerate(group.names):
+    p = plans[name]
+    dtype = DTYPES[p.dtype]
+    out = W[l].reshape(p.shape).astype(dtype)
+    tree[f"W_{l}"] = out
+    if gt is not None:
+      truth = np.asarray(gt.read(name), np.float32).reshape(d, k)
+      w_err[l] = float(metrics.layer_w_error(
+          out.astype(np.float32).reshape(d, k), truth))
+      mean = stack[l].mean(0).astype(dtype).astype(np.float32)
+      mean_err[l] = float(metrics.layer_w_error(mean, truth))
+  tree.update(
+      loss=np.asarray(diag.loss, np.float32).reshape(L, -1),
+      steps=np.asarray(diag.steps, np.int32).reshape(L),
+      final_rank=np.asarray(diag.final_rank, np.int32).reshape(L, -1),
+      final_loss=np.asarray(diag.final_loss, np.float32).reshape(L),
+      w_error=w_err, mean_lora_w_error=mean_err,
+      seconds=np.asarray(time.time() - t0, np.float64))
+  return tree
+
+
+# -------------------------------------------------------------- assemble
+
+
+def _num(x):
+  x = float(x)
+  return None if not math.isfinite(x) else x
+
+
+def _mean_of(inputs: Inputs, name: str, plan: TensorPlan) -> np.ndarray:
+  acc = np.zeros(plan.shape, np.float32)
+  for m in inputs.models:
+    acc += np.asarray(m.read(name), np.float32)
+  return (acc / len(inputs.models)).astype(DTYPES[plan.dtype])
+
+
+def assemble(out_dir: str, inputs: Inputs, plans: List[TensorPlan],
+             groups: List[Group], progress: Progress) -> Tuple[
+                 List[str], List[dict], List[dict]]:
+  """Writes the output model files from the checkpoint and the first model.
+
+  Returns:
+    ``(output files, layer entries, averaged entries, solve seconds)`` for
+    the report.
+  """
+  ref = inputs.models[0]
+  if inputs.lowra is not None:
+    layout, sharded = [("model.safetensors", list(ref.names))], False
+  else:
+    layout, sharded = output_layout(ref)
+  by_name = {p.name: p for p in plans}
+  specs = {p.name: (p.dtype, p.shape) for p in plans}
+  writers, where = {}, {}
+  gt = inputs.ground_truth
+  try:
+    for fname, names in layout:
+      writers[fname] = SafetensorsWriter(
+          os.path.join(out_dir, fname), [(n,) + specs[n] for n in names],
+          getattr(ref, "metadata", None))
+      for n in names:
+        where[n] = writers[fname]
+    averaged = []
+    for p in plans:
+      if p.kind in ("copy", "first"):
+        where[p.name].write_bytes(p.name, ref.read_bytes(p.name))
+      elif p.kind == "mean":
+        mean = _mean_of(inputs, p.name, p)
+        where[p.name].write(p.name, mean)
+        entry = {"name": p.name, "shape": list(p.shape), "dtype": p.dtype}
+        if gt is not None:
+          entry["w_error"] = _num(metrics.layer_w_error(
+              mean.astype(np.float32), np.asarray(gt.read(p.name),
+                                                  np.float32)))
+        averaged.append(entry)
+    layers, seconds = {}, 0.0
+    for g in groups:
+      tree = progress.load(g.index)
+      seconds += float(tree["seconds"])
+      for l, name in enumerate(g.names):
+        where[name].write(name, tree[f"W_{l}"])
+        p = by_name[name]
+        steps = int(tree["steps"][l])
+        curve = [float(x) for x in tree["loss"][l][:max(steps, 1)]]
+        entry = {"name": name, "shape": list(p.shape), "dtype": p.dtype,
+                 "matrix_shape": list(g.matrix_shape), "rank": max(p.ranks),
+                 "ranks": list(p.ranks), "rank_source": p.rank_source,
+                 "steps": steps, "loss": _num(tree["final_loss"][l]),
+                 "final_rank": [int(r) for r in tree["final_rank"][l]],
+                 "group": g.index,
+                 "loss_curve": [c if math.isfinite(c) else None
+                                for c in curve]}
+        if gt is not None:
+          entry["w_error"] = _num(tree["w_error"][l])
+          entry["mean_lora_w_error"] = _num(tree["mean_lora_w_error"][l])
+        layers[name] = entry
+    for w in writers.values():
+      w.commit()
+  except BaseException:
+    for w in writers.values():
+      w.abort()
+    raise
+  files = [f for f, _ in layout]
+  if sharded:
+    write_index(out_dir, layout, specs, getattr(ref, "index_metadata", None))
+    files.append("model.safetensors.index.json")
+  ordered = [layers[p.name] for p in plans if p.name in layers]
+  return files, ordered, averaged, seconds
+
+
+# ----------------------------------------------------------------- main
+
+
+def _plans_to_json(plans):
+  return [p._asdict() for p in plans]
+
+
+def _plans_from_json(items):
+  return [TensorPlan(d["name"], d["dtype"], tuple(d["shape"]), d["kind"],
+                     tuple(d["ranks"]), d["rank_source"]) for d in items]
+
+
+def _all_true(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  got = multihost_utils.process_allgather(np.asarray([int(flag)], np.int32))
+  return bool(np.asarray(got).min())
+
+
+def recover(config: RecoverConfig, *,
+            on_group_done: Optional[Callable[[int], None]] = None,
+            progress_bar: bool = True) -> dict:
+  """Recovers the pre-fine-tuning model; see the module docstring.
+
+  Args:
+    config: :class:`RecoverConfig`.
+    on_group_done: called with the number of groups this call has solved,
+      after each one is checkpointed (tests use it to stop a run).
+    progress_bar: show a tqdm bar of layers (with ETA) on stderr.
+
+  Returns:
+    The report (also written to ``OUT/report.json`` by process 0; other
+    processes return it once process 0 has written it).
+
+  Raises:
+    BadInputError: bad input (nothing is written to the output directory
+      when raised before the scan ends, which covers every check).
+  """
+  t_start = time.time()
+  out_dir = config.output_dir
+  if not out_dir:
+    raise BadInputError("--output_dir", "is required")
+  inputs = open_inputs(config)
+  fp = run_fingerprint(config, inputs)
+  done_report = check_output_dir(out_dir, fp)
+  pid, nproc = jax.process_index(), jax.process_count()
+  if _all_true(done_report is not None):
+    logging.info("%s already holds this finished run", out_dir)
+    if config.plots and pid == 0:
+      _make_plots(done_report, out_dir)
+    return done_report
+  plan_json = read_json(os.path.join(out_dir, PLAN_FILE))
+  cached = plan_json is not None and plan_json.get("fingerprint") == fp
+  if _all_true(cached):
+    plans = _plans_from_json(plan_json["tensors"])
+  else:
+    plans = scan(inputs, config)
+  n = len(inputs.models)
+  counts = {k: sum(p.kind == k for p in plans) for k in KINDS}
+  logging.info("%d tensors: %d fine-tuned LoRA layers, %d averaged, %d copied",
+               len(plans), counts["lora"], counts["mean"],
+               counts["copy"] + counts["first"])
+  # Every check has passed: from here on the output directory is written.
+  os.makedirs(out_dir, exist_ok=True)
+  if pid == 0:
+    write_json_atomic(os.path.join(out_dir, RUN_FILE),
+                      {"fingerprint": fp, "format": FORMAT_VERSION,
+                       "config": dataclasses.asdict(config)})
+    if not cached:
+      write_json_atomic(os.path.join(out_dir, PLAN_FILE),
+                        {"fingerprint": fp, "tensors": _plans_to_json(plans)})
+  groups = make_groups(plans, n, config.max_memory_gb)
+  owner = assign_groups(groups, nproc)
+  progress = Progress(out_dir, pid)
+  done_before = progress.done()
+  mine = [g for g in groups if owner[g.index] == pid]
+  todo = [g for g in mine if g.index not in done_before]
+  plan_by_name = {p.name: p for p in plans}
+  logging.info("%d layer groups (%d here, %d already done)", len(groups),
+               len(mine), len(mine) - len(todo))
+  bar = None
+  if progress_bar:
+    from tqdm import tqdm
+    bar = tqdm(total=sum(len(g.names) for g in mine),
+               initial=sum(len(g.names) for g in mine if g not in todo),
+               unit="layer", desc=f"recover[{pid}]" if nproc > 1 else "recover",
+               dynamic_ncols=True)
+  try:
+    for count, g in enumerate(todo, 1):
+      tree = solve_group(g, inputs, plan_by_name, config)
+      progress.save(g.index, tree)
+      logging.info("group %d/%d: %d x %s ranks %s in %.1fs", g.index + 1,
+                   len(groups), len(g.names), list(g.matrix_shape),
+                   list(g.ranks), float(tree["seconds"]))
+      if bar is not None:
+        bar.update(len(g.names))
+      if on_group_done is not None:
+        on_group_done(count)
+  finally:
+    if bar is not None:
+      bar.close()
+  report_path = os.path.join(out_dir, REPORT_FILE)
+  if pid != 0:
+    # Wait for process 0 to assemble the model from everyone's groups.
+    while True:
+      rep = read_json(report_path)
+      if rep and rep.get("fingerprint") == fp and rep.get("complete"):
+        progress.close()
+        return rep
+      time.sleep(0.2)
+  all_groups = {g.index for g in groups}
+  while not all_groups <= progress.done():
+    time.sleep(0.2)
+  progress.ingest_parts()
+  files, layers, averaged, solve_seconds = assemble(out_dir, inputs, plans,
+                                                   groups, progress)
+  report = _report(config, inputs, fp, plans, groups, layers, averaged, files,
+                   t_start, len(done_before & all_groups), nproc)
+  report["solve_seconds"] = solve_seconds
+  write_json_atomic(report_path, report)
+  progress.close()
+  if config.plots:
+    _make_plots(report, out_dir)
+  return report
+
+
+def _report(config, inputs, fp, plans, groups, layers, averaged, files,
+            t_start, resumed, nproc) -> dict:
+  counts = {k: sum(p.kind == k for p in plans) for k in KINDS}
+  report = {
+      "format": FORMAT_VERSION, "complete": True, "fingerprint": fp,
+      "n_models": len(inputs.models), "output_dir": config.output_dir,
+      "models": [m.path for m in inputs.models],
+      "ground_truth": (getattr(inputs.ground_truth, "path", None)
+                       if inputs.ground_truth is not None else None),
+      "solver": config.solver, "rank": str(config.rank),
+      "ambiguous_rank": str(config.ambiguous_rank), "steps": config.steps,
+      "seed": config.seed, "max_memory_gb": config.max_memory_gb,
+      "seconds": time.time() - t_start,
+      "n_tensors": len(plans), "n_solved": counts["lora"],
+      "n_averaged": counts["mean"], "n_copied": counts["copy"],
+      "n_first": counts["first"],
+      "first": [p.name for p in plans if p.kind == "first"],
+      "groups": len(groups), "resumed_groups": resumed, "processes": nproc,
+      "output_files": files,
+  }
+  if inputs.lowra is not None:
+    b = inputs.lowra
+    report["lowra_bench"] = {"path": b.path, "subset": b.subset,
+                             "lora_ids": b.lora_ids}
+  if inputs.ground_truth is not None and layers:
+    we = [l["w_error"] for l in layers if l.get("w_error") is not None]
+    me = [l["mean_lora_w_error"] for l in layers
+          if l.get("mean_lora_w_error") is not None]
+    report["w_error"] = float(np.mean(we)) if we else None
+    report["mean_lora_w_error"] = float(np.mean(me)) if me else None
+  report["averaged"] = averaged
+  report["layers"] = layers
+  return report
+
+
+def _make_plots(report: dict, out_dir: str) -> List[str]:
+  from detune_jax import plots
+  return plots.make_plots(report, out_dir)
+
+
+def demo(output_dir: Optional[str] = None, *, work_dir: Optional[str] = None,
+         steps: int = 300, seed: int = 0, dtype=np.float32,
+         ranks: Sequence[int] = (4, 8, 8, 12, 16), progress_bar: bool = True,
+         **overrides) -> dict:
+  """The embedded example: a real recovery of synthetic LoRA fine-tunes.
+
+  Writes a small base model and ``len(ranks)`` LoRA fine-tunes of it (six
+  256x256 attention layers, a 1x1 conv and untouched
+  embeddings, norms and biases; per-LoRA ranks ``ranks``) under
+  ``work_dir``, recovers the base with ``rank="auto"`` and evaluates it
+  against the true base.
+
+  Args:
+    output_dir: where the recovery goes (default ``work_dir/recovered``).
+    work_dir: where the models go (default: a new temporary directory).
+    steps: solver steps.
+    seed: seed of the models and of the solver.
+    dtype: dtype of the model files.
+    ranks: per-model LoRA ranks.
+    progress_bar: show the progress bar.
+    **overrides: other :class:`RecoverConfig` fields.
+
+  Returns:
+    The report, with ``w_error`` and ``mean_lora_w_error``.
+  """
+  import tempfile
+  from detune_jax.io.synthetic import make_lora_models
+  work_dir = work_dir or tempfile.mkdtemp(prefix="detune_demo_")
+  models, base = make_lora_models(os.path.join(work_dir, "models"),
+                                  n=len(ranks), ranks=list(ranks),
+                                  dtype=dtype, seed=seed)
+  config = RecoverConfig(models=tuple(models),
+                         output_dir=output_dir or os.path.join(work_dir,
+                                                               "recovered"),
+                         ground_truth=base, steps=steps, seed=seed,
+                         **overrides)
+  return recover(config, progress_bar=progress_bar)

@@ -1,0 +1,117 @@
+r"""Recovers the pre-fine-tuning model from n LoRA fine-tuned models.
+
+    python -m experiments.recover --models=ft_0,ft_1,ft_2 --output_dir=OUT
+    python -m experiments.recover --lowra_bench=PATH --subset=vit \
+        --n_loras=5 --output_dir=OUT --rank=16
+    python -m experiments.recover            # the embedded demo
+
+Writes OUT/model.safetensors (sharded like the input), OUT/report.json and an
+orbax checkpoint (OUT/checkpoint) for resuming. Bad input exits with status 2
+and one line on stderr. See detune_jax.pipeline for the details.
+"""
+
+import logging as py_logging
+import os
+import signal
+import sys
+
+from absl import app, flags
+
+from detune_jax import pipeline
+from detune_jax.io.errors import BadInputError
+
+_MODELS = flags.DEFINE_list("models", [], "Fine-tuned models: safetensors "
+                            "files or HF directories (comma separated).")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Output directory.")
+_RANK = flags.DEFINE_string("rank", "auto", "LoRA rank: an int, or 'auto' to "
+                            "estimate it per layer and per LoRA.")
+_AMBIGUOUS = flags.DEFINE_string(
+    "ambiguous_rank", "error", "With --rank=auto, what to do when a layer's "
+    "rank cannot be told: error (exit 2), guess, mean (average the layer), "
+    "or an int rank.")
+_STEPS = flags.DEFINE_integer("steps", 300, "Solver steps per layer.")
+_SEED = flags.DEFINE_integer("seed", 0, "Solver seed.")
+_SOLVER = flags.DEFINE_string("solver", "spectral_detuning", "Layer solver, "
+                              "a name in detune_jax.solvers.registry.SOLVERS.")
+_MAX_MEMORY_GB = flags.DEFINE_float("max_memory_gb", 4.0, "Memory budget of "
+                                    "one batch of same-shape layers.")
+_GROUND_TRUTH = flags.DEFINE_string("ground_truth", None, "True base model, "
+                                    "for evaluation only.")
+_PLOTS = flags.DEFINE_bool("plots", False, "Write PNG plots to output_dir.")
+_LOWRA = flags.DEFINE_string("lowra_bench", None, "Local copy of the LoWRA "
+                             "Bench dataset (parquet file or directory).")
+_SUBSET = flags.DEFINE_string("subset", None, "LoWRA Bench subset, e.g. vit.")
+_N_LORAS = flags.DEFINE_integer("n_loras", 5, "LoWRA Bench: use LoRAs "
+                                "0..n_loras-1.")
+_LORA_IDS = flags.DEFINE_list("lora_ids", [], "LoWRA Bench: LoRA indices to "
+                              "use instead of the first n_loras.")
+_DEMO = flags.DEFINE_bool("demo", False, "Run the embedded example (also the "
+                          "default when neither --models nor --lowra_bench "
+                          "is given).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-"
+                                   "process: host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Multi-process: "
+                                      "number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-process: this "
+                                   "process's index.")
+_STOP_AFTER = flags.DEFINE_integer("stop_after_groups", 0, "Testing: kill "
+                                   "this process (SIGKILL) after this many "
+                                   "layer groups are checkpointed.")
+
+
+def _kill_after(k):
+  def hook(count):
+    if count >= k:
+      os.kill(os.getpid(), signal.SIGKILL)
+  return hook
+
+
+def _summary(report):
+  print(f"recovered {report['n_solved']} fine-tuned layers from "
+        f"{report['n_models']} models in {report['seconds']:.1f}s "
+        f"-> {os.path.join(report['output_dir'], report['output_files'][0])}")
+  if report.get("w_error") is not None:
+    print(f"W-Error: {report['solver']} {report['w_error']:.2f}  "
+          f"Mean-LoRA {report['mean_lora_w_error']:.2f}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # JAX logs its backend search at INFO; bad input must stay one line.
+  py_logging.getLogger("jax").setLevel(py_logging.WARNING)
+  try:
+    pipeline.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                    _PROCESS_ID.value)
+    hook = _kill_after(_STOP_AFTER.value) if _STOP_AFTER.value > 0 else None
+    options = dict(rank=_RANK.value, steps=_STEPS.value, seed=_SEED.value,
+                   solver=_SOLVER.value, max_memory_gb=_MAX_MEMORY_GB.value,
+                   ambiguous_rank=_AMBIGUOUS.value, plots=_PLOTS.value)
+    if _DEMO.value or not (_MODELS.value or _LOWRA.value):
+      report = pipeline.demo(_OUTPUT_DIR.value, steps=_STEPS.value,
+                             seed=_SEED.value, plots=_PLOTS.value,
+                             max_memory_gb=_MAX_MEMORY_GB.value,
+                             solver=_SOLVER.value)
+      _summary(report)
+      return 0
+    try:
+      lora_ids = tuple(int(i) for i in _LORA_IDS.value)
+    except ValueError:
+      raise BadInputError("--lora_ids", f"not integers: {_LORA_IDS.value}")
+    config = pipeline.RecoverConfig(
+        models=tuple(_MODELS.value), output_dir=_OUTPUT_DIR.value or "",
+        ground_truth=_GROUND_TRUTH.value, lowra_bench=_LOWRA.value,
+        subset=_SUBSET.value, n_loras=_N_LORAS.value, lora_ids=lora_ids,
+        **options)
+    report = pipeline.recover(config, on_group_done=hook)
+  except BadInputError as e:
+    sys.stderr.write(f"error: {e}\n")
+    sys.stderr.flush()
+    sys.exit(2)
+  if _PROCESS_ID.value == 0:
+    _summary(report)
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)
