@@ -69,7 +69,7 @@ def _nested_to_numpy(arr) -> np.ndarray:
     a = a.flatten()
   if not (pa.types.is_floating(a.type) or pa.types.is_integer(a.type)):
     raise ValueError(f"values of type {a.type} (expected numbers)")
-  return np.asarray(a.to_numpy(zero_copy_only=False)).reshape(shape[1:])
+  return np.asarray(a.to_numpy(zero_copy_only=False)).reshape(shape)
 
 
 class LowraBench:
