@@ -145,7 +145,8 @@ def write_lowra_parquet(path, layers, n_loras, seed=0, row_group_size=2):
   cols = {c: [] for c in ("layer_model", "layer_name", "pre_ft_name",
                           "pre_ft_weight")}
   truth = {}
-  for name, (d, k, r) in layers.items():
+  for name, (d, k, ranks) in layers.items():
+    ranks = [ranks] * n_loras if np.isscalar(ranks) else list(ranks)
     W = (rng.standard_normal((d, k)) * 0.02).astype(np.float32)
     cols["layer_model"].append("vit")
     cols["layer_name"].append(name.rsplit(".", 1)[0])
@@ -153,6 +154,7 @@ def write_lowra_parquet(path, layers, n_loras, seed=0, row_group_size=2):
     cols["pre_ft_weight"].append(W.tolist())
     merged = []
     for i in range(n_loras):
+      r = ranks[i]
       A = (rng.standard_normal((r, k)) * 0.1).astype(np.float32)
       B = (rng.standard_normal((d, r)) * 0.1).astype(np.float32)
       alpha = 16.0

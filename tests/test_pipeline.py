@@ -1,0 +1,217 @@
+"""detune_jax.pipeline: whole-model recovery on tiny models."""
+
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from conftest import TINY_FROZEN, TINY_LAYERS, TINY_RANKS, make_tiny
+from detune_jax import pipeline
+from detune_jax.io import BadInputError, ModelFiles, write_model
+from test_io import write_lowra_parquet
+
+STEPS = 100
+
+
+def _config(models, out, **kw):
+  kw.setdefault("steps", STEPS)
+  return pipeline.RecoverConfig(models=tuple(models), output_dir=str(out), **kw)
+
+
+@pytest.fixture(scope="module")
+def recovered(tiny_models, tmp_path_factory):
+  models, base = tiny_models
+  out = tmp_path_factory.mktemp("rec") / "out"
+  report = pipeline.recover(_config(models, out, ground_truth=base),
+                            progress_bar=False)
+  return models, base, out, report
+
+
+def test_recovers_tiny_model(recovered):
+  models, base, out, report = recovered
+  assert report["n_models"] == 4 and report["complete"]
+  assert report["n_solved"] == 3 and report["n_copied"] == len(TINY_FROZEN)
+  assert report["w_error"] < -10
+  assert report["mean_lora_w_error"] > -6
+  for layer in report["layers"]:
+    assert {"name", "shape", "rank", "steps", "loss", "w_error",
+            "mean_lora_w_error"} <= set(layer)
+    assert layer["w_error"] < -10, layer["name"]
+    assert layer["ranks"] == list(TINY_RANKS)        # rank=auto, per LoRA
+    assert layer["rank"] == max(TINY_RANKS)
+    assert layer["rank_source"] == "estimated"
+    assert 0 < layer["steps"] <= STEPS and len(layer["loss_curve"]) == \
+        layer["steps"]
+  assert [l["name"] for l in report["layers"]] == list(TINY_LAYERS)
+  with open(os.path.join(out, "report.json")) as f:
+    assert json.load(f)["w_error"] == report["w_error"]
+
+
+def test_output_keeps_every_tensor_and_dtype(recovered):
+  models, base, out, _ = recovered
+  got, ref, truth = (ModelFiles(out), ModelFiles(models[0]), ModelFiles(base))
+  assert got.names == ref.names
+  for name in ref.names:
+    assert got.info(name).dtype == ref.info(name).dtype
+    assert got.info(name).shape == ref.info(name).shape
+    if name in TINY_FROZEN:   # copied through bit for bit
+      np.testing.assert_array_equal(got.read(name), ref.read(name))
+    else:
+      np.testing.assert_allclose(got.read(name), truth.read(name), atol=1e-4)
+
+
+def test_sharded_bf16_input_gives_sharded_output(tmp_path):
+  models, base = make_tiny(tmp_path / "m", shards=2, dtype=ml_dtypes.bfloat16)
+  out = tmp_path / "out"
+  report = pipeline.recover(_config(models, out, ground_truth=base),
+                            progress_bar=False)
+  assert sorted(os.listdir(models[0])) == sorted(
+      f for f in os.listdir(out) if "safetensors" in f)
+  assert report["output_files"][-1] == "model.safetensors.index.json"
+  got = ModelFiles(out)
+  assert got.sharded and got.layout() == ModelFiles(models[0]).layout()
+  assert got.info("enc.0.q.weight").dtype == "BF16"
+  # bf16 rounding limits any solver; still far better than the mean.
+  assert report["w_error"] < report["mean_lora_w_error"] - 1
+  import safetensors.torch
+  loaded = safetensors.torch.load_file(
+      str(out / "model-00001-of-00002.safetensors"))
+  assert str(loaded["enc.0.q.weight"].dtype) == "torch.bfloat16"
+
+
+def test_differing_1d_tensors_are_averaged(tmp_path):
+  models, base = make_tiny(tmp_path / "m")
+  rng = np.random.default_rng(0)
+  for i, m in enumerate(models):   # fine-tune a bias too
+    mf = ModelFiles(m)
+    t = {k: np.array(mf.read(k)) for k in mf.names}
+    t["enc.0.q.bias"] = t["enc.0.q.bias"] + rng.normal(size=32).astype(
+        np.float32) * 1e-3
+    write_model(m, t)
+  report = pipeline.recover(_config(models, tmp_path / "out",
+                                    ground_truth=base), progress_bar=False)
+  assert [a["name"] for a in report["averaged"]] == ["enc.0.q.bias"]
+  mean = np.mean([ModelFiles(m).read("enc.0.q.bias") for m in models], 0)
+  np.testing.assert_allclose(ModelFiles(tmp_path / "out").read(
+      "enc.0.q.bias"), mean, rtol=1e-6)
+
+
+def test_make_groups_respects_the_memory_budget():
+  plans = [pipeline.TensorPlan(f"l{i}", "F32", (64, 64), "lora", (4, 4))
+           for i in range(10)]
+  plans.insert(3, pipeline.TensorPlan("x", "F32", (64, 32), "lora", (4, 4)))
+  plans.append(pipeline.TensorPlan("y", "F32", (64, 64), "lora", (8, 8)))
+  per = pipeline.layer_bytes(64, 64, 2)
+  groups = pipeline.make_groups(plans, 2, 3.5 * per / 2**30)
+  sizes = [(len(g.names), g.matrix_shape, g.ranks) for g in groups]
+  assert sizes == [(3, (64, 64), (4, 4)), (3, (64, 64), (4, 4)),
+                   (3, (64, 64), (4, 4)), (1, (64, 64), (4, 4)),
+                   (1, (64, 32), (4, 4)), (1, (64, 64), (8, 8))]
+  assert groups[0].names == ("l0", "l1", "l2")
+  owner = pipeline.assign_groups(groups, 2)
+  assert sorted(set(owner)) == [0, 1]
+
+
+class _Killed(Exception):
+  pass
+
+
+def _stop_after(k):
+  def hook(count):
+    if count >= k:
+      raise _Killed()
+  return hook
+
+
+def test_resume_after_stop_gives_identical_files(recovered, tmp_path):
+  models, _, full, _ = recovered   # groups: 2 x [32, 24], 1 x [16, 36]
+  part = tmp_path / "part"
+  cfg = _config(models, part)
+  with pytest.raises(_Killed):
+    pipeline.recover(cfg, on_group_done=_stop_after(1), progress_bar=False)
+  assert not os.path.exists(part / "model.safetensors")
+  assert not os.path.exists(part / "report.json")
+  assert sorted(os.listdir(part / "checkpoint")) == ["0"]
+  solved = []
+  report = pipeline.recover(cfg, on_group_done=solved.append,
+                            progress_bar=False)
+  assert solved == [1] and report["resumed_groups"] == 1
+  assert report["groups"] == 2
+  # Same bytes as the uninterrupted run (which also had ground truth: the
+  # evaluation does not change the model).
+  assert (part / "model.safetensors").read_bytes() == \
+      (full / "model.safetensors").read_bytes()
+  # Finished: a third start changes nothing and solves nothing.
+  again = pipeline.recover(cfg, on_group_done=solved.append,
+                           progress_bar=False)
+  assert solved == [1] and again["fingerprint"] == report["fingerprint"]
+
+
+def test_output_dir_of_a_different_run_is_refused(tiny_models, tmp_path):
+  models, _ = tiny_models
+  out = tmp_path / "out"
+  pipeline.recover(_config(models, out), progress_bar=False)
+  before = sorted(os.listdir(out))
+  with pytest.raises(BadInputError, match="different run"):
+    pipeline.recover(_config(models, out, steps=STEPS + 1),
+                     progress_bar=False)
+  assert sorted(os.listdir(out)) == before
+  foreign = tmp_path / "foreign"
+  foreign.mkdir()
+  (foreign / "model.safetensors").write_bytes(b"x")
+  with pytest.raises(BadInputError, match="another run"):
+    pipeline.recover(_config(models, foreign), progress_bar=False)
+
+
+def test_rank_checks(tiny_models, tmp_path):
+  models, _ = tiny_models
+  with pytest.raises(BadInputError, match="too large") as e:
+    pipeline.recover(_config(models, tmp_path / "a", rank=17),
+                     progress_bar=False)
+  assert e.value.tensor == "enc.0.conv.weight"   # [16, 36]: at most 16
+  assert not os.path.exists(tmp_path / "a")
+  with pytest.raises(BadInputError, match="rank"):
+    pipeline.recover(_config(models, tmp_path / "b", rank="x"),
+                     progress_bar=False)
+
+
+def test_ambiguous_rank_policies(tmp_path):
+  # Full-rank differences (not LoRA): rank=auto cannot tell a rank.
+  rng = np.random.default_rng(0)
+  base = {"w": rng.standard_normal((12, 10)).astype(np.float32)}
+  models = []
+  for i in range(3):
+    write_model(tmp_path / f"m{i}", {"w": base["w"] + 0.1 * rng.standard_normal(
+        (12, 10)).astype(np.float32)})
+    models.append(str(tmp_path / f"m{i}"))
+  with pytest.raises(BadInputError, match="rank=auto") as e:
+    pipeline.recover(_config(models, tmp_path / "a"), progress_bar=False)
+  assert e.value.tensor == "w" and not os.path.exists(tmp_path / "a")
+  r = pipeline.recover(_config(models, tmp_path / "b", ambiguous_rank="mean"),
+                       progress_bar=False)
+  assert r["n_averaged"] == 1 and r["n_solved"] == 0
+  r = pipeline.recover(_config(models, tmp_path / "c", ambiguous_rank="2",
+                               steps=5), progress_bar=False)
+  assert r["layers"][0]["ranks"] == [2, 2, 2]
+  assert r["layers"][0]["rank_source"] == "fallback"
+
+
+def test_lowra_bench_recovery(tmp_path):
+  layers = {"vit.blocks.0.q.weight": (32, 24, TINY_RANKS + (2,)),
+            "vit.blocks.0.v.weight": (32, 24, TINY_RANKS + (2,))}
+  (tmp_path / "vit").mkdir()
+  write_lowra_parquet(tmp_path / "vit/train-00000-of-00001.parquet", layers,
+                      n_loras=5)
+  cfg = pipeline.RecoverConfig(lowra_bench=str(tmp_path), subset="vit",
+                               n_loras=4, output_dir=str(tmp_path / "out"),
+                               steps=STEPS)
+  report = pipeline.recover(cfg, progress_bar=False)
+  assert report["n_models"] == 4 and report["n_solved"] == 2
+  assert report["lowra_bench"]["lora_ids"] == [0, 1, 2, 3]
+  assert report["w_error"] < -10
+  assert report["mean_lora_w_error"] > -8
+  assert all(l["ranks"] == list(TINY_RANKS) for l in report["layers"])
+  got = ModelFiles(tmp_path / "out")
+  assert got.names == list(layers)
