@@ -1,0 +1,187 @@
+"""experiments.recover as a subprocess: bad input, kill + resume, plots."""
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import make_tiny
+from detune_jax import pipeline
+from detune_jax.io import ModelFiles, write_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 100
+
+
+def _env(cache_dir=None):
+  env = dict(os.environ)
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  if cache_dir:
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+  return env
+
+
+def _cmd(*flags):
+  return [sys.executable, "-m", "experiments.recover", *flags]
+
+
+def _run(*flags, cache_dir=None, timeout=300):
+  return subprocess.run(_cmd(*flags), capture_output=True, text=True,
+                        cwd=ROOT, env=_env(cache_dir), timeout=timeout)
+
+
+class _Evil:
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.mkdir, (self.marker,))
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+  """``{case: (flags, output dir)}`` of inputs that must exit 2."""
+  root = tmp_path_factory.mktemp("bad")
+  models, _ = make_tiny(root / "m")
+  m0, m1 = models[0], models[1]
+
+  def variant(name, edit):
+    d = root / name
+    shutil.copytree(m1, d)
+    edit(d)
+    return str(d)
+
+  def tensors(path):
+    mf = ModelFiles(path)
+    return {k: np.array(mf.read(k)) for k in mf.names}
+
+  def truncate(d):
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+
+  def corrupt(d):
+    f = d / "model.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[8:20] = b"#" * 12
+    f.write_bytes(bytes(raw))
+
+  def rename(d):
+    t = tensors(d)
+    t["extra.weight"] = t.pop("emb.weight")
+    write_model(d, t)
+
+  def reshape(d):
+    t = tensors(d)
+    t["emb.weight"] = t["emb.weight"].reshape(24, 10)
+    write_model(d, t)
+
+  def nan(d):
+    t = tensors(d)
+    t["enc.1.q.weight"][3, 4] = np.nan
+    write_model(d, t)
+
+  marker = str(root / "unpickled")
+  (root / "model.bin").write_bytes(pickle.dumps(_Evil(marker)))
+  (root / "hf_pickle").mkdir()
+  (root / "hf_pickle" / "pytorch_model.bin").write_bytes(
+      pickle.dumps(_Evil(marker)))
+  other = root / "other_run"
+  other.mkdir()
+  (other / "run.json").write_text(json.dumps({"fingerprint": "0" * 64}))
+  cases = {
+      "one_model": [m0],
+      "missing_file": [m0, str(root / "nope.safetensors")],
+      "truncated": [m0, variant("trunc", truncate)],
+      "corrupt": [m0, variant("corrupt", corrupt)],
+      "names_differ": [m0, variant("renamed", rename)],
+      "shapes_differ": [m0, variant("reshaped", reshape)],
+      "non_finite": [m0, variant("nan", nan)],
+      "pickle_file": [m0, str(root / "model.bin")],
+      "pickle_dir": [m0, str(root / "hf_pickle")],
+      "rank_too_large": [m0, m1],
+      "different_run": [m0, m1],
+  }
+  out = {}
+  for case, paths in cases.items():
+    out_dir = other if case == "different_run" else root / f"out_{case}"
+    flags = [f"--models={','.join(paths)}", f"--output_dir={out_dir}",
+             f"--steps={STEPS}"]
+    if case == "rank_too_large":
+      flags.append("--rank=17")
+    out[case] = (flags, out_dir)
+  return out, marker
+
+
+# The one-line message must name the file (and tensor, where one is at fault).
+EXPECT = {
+    "one_model": "at least 2", "missing_file": "nope.safetensors",
+    "truncated": "trunc/model.safetensors", "corrupt": "corrupt",
+    "names_differ": "emb.weight", "shapes_differ": "'emb.weight'",
+    "non_finite": "'enc.1.q.weight'", "pickle_file": "model.bin",
+    "pickle_dir": "pytorch_model.bin", "rank_too_large": "'enc.0.conv.weight'",
+    "different_run": "different run",
+}
+
+
+def test_bad_input_exits_2_with_one_line(bad_inputs):
+  cases, marker = bad_inputs
+  procs = {case: subprocess.Popen(_cmd(*flags), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                  env=_env())
+           for case, (flags, _) in cases.items()}
+  for case, proc in procs.items():
+    stdout, stderr = proc.communicate(timeout=300)
+    lines = stderr.strip().splitlines()
+    assert proc.returncode == 2, (case, stderr)
+    assert len(lines) == 1, (case, stderr)
+    assert "Traceback" not in stderr, case
+    assert EXPECT[case] in lines[0], (case, lines[0])
+    out_dir = cases[case][1]
+    assert not os.path.exists(os.path.join(out_dir, "model.safetensors")), case
+    if case == "different_run":
+      assert sorted(os.listdir(out_dir)) == ["run.json"]
+    else:
+      assert not os.path.exists(out_dir), case
+  assert not os.path.exists(marker)   # the pickles were never loaded
+
+
+def test_kill_then_resume_matches_uninterrupted_run(tiny_models, tmp_path):
+  models, base = tiny_models
+  cache = tmp_path / "jax_cache"
+  out = tmp_path / "out"
+  flags = [f"--models={','.join(models)}", f"--output_dir={out}",
+           f"--steps={STEPS}", f"--ground_truth={base}"]
+  killed = _run(*flags, "--stop_after_groups=1", cache_dir=cache)
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  assert not os.path.exists(out / "model.safetensors")
+  assert sorted(os.listdir(out / "checkpoint")) == ["0"]
+  done = _run(*flags, "--plots", cache_dir=cache)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "W-Error: spectral_detuning" in done.stdout
+  report = json.loads((out / "report.json").read_text())
+  assert report["resumed_groups"] == 1 and report["w_error"] < -10
+  for png in ("loss_curves.png", "w_error_hist.png",
+              "w_error_cumulative.png"):
+    assert (out / png).stat().st_size > 1000, png
+  # Same bytes as one uninterrupted run (here in-process).
+  ref = tmp_path / "ref"
+  pipeline.recover(pipeline.RecoverConfig(models=tuple(models),
+                                          output_dir=str(ref), steps=STEPS),
+                   progress_bar=False)
+  assert (out / "model.safetensors").read_bytes() == \
+      (ref / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_embedded_demo_runs(tmp_path):
+  res = _run(f"--output_dir={tmp_path / 'demo'}", timeout=600)
+  assert res.returncode == 0, res.stderr[-2000:]
+  line = [l for l in res.stdout.splitlines() if l.startswith("W-Error")][0]
+  ours, mean = float(line.split()[2]), float(line.split()[4])
+  assert ours < -12 and mean > -6
