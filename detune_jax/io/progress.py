@@ -92,6 +92,7 @@ class Progress:
         self.ckpt_dir,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=None, create=False, enable_async_checkpointing=False,
+            cleanup_tmp_directories=process_index == 0,
             multiprocessing_options=mp),
         item_handlers=ocp.StandardCheckpointHandler(
             multiprocessing_options=mp))
