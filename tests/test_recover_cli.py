@@ -13,6 +13,7 @@ import pytest
 from conftest import make_tiny
 from detune_jax import pipeline
 from detune_jax.io import ModelFiles, write_model
+from test_io import write_lowra_parquet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 100
@@ -91,6 +92,9 @@ def bad_inputs(tmp_path_factory):
   (root / "hf_pickle").mkdir()
   (root / "hf_pickle" / "pytorch_model.bin").write_bytes(
       pickle.dumps(_Evil(marker)))
+  (root / "lowra" / "vit").mkdir(parents=True)
+  write_lowra_parquet(root / "lowra/vit/train-00000.parquet",
+                      {"q.weight": (8, 6, 2)}, n_loras=5)
   other = root / "other_run"
   other.mkdir()
   (other / "run.json").write_text(json.dumps({"fingerprint": "0" * 64}))
@@ -106,6 +110,7 @@ def bad_inputs(tmp_path_factory):
       "pickle_dir": [m0, str(root / "hf_pickle")],
       "rank_too_large": [m0, m1],
       "different_run": [m0, m1],
+      "lowra_too_few_loras": [],
   }
   out = {}
   for case, paths in cases.items():
@@ -114,6 +119,9 @@ def bad_inputs(tmp_path_factory):
              f"--steps={STEPS}"]
     if case == "rank_too_large":
       flags.append("--rank=17")
+    if case == "lowra_too_few_loras":
+      flags[0] = f"--lowra_bench={root / 'lowra'}"
+      flags += ["--subset=vit", "--n_loras=6"]
     out[case] = (flags, out_dir)
   return out, marker
 
@@ -126,6 +134,7 @@ EXPECT = {
     "non_finite": "'enc.1.q.weight'", "pickle_file": "model.bin",
     "pickle_dir": "pytorch_model.bin", "rank_too_large": "'enc.0.conv.weight'",
     "different_run": "different run",
+    "lowra_too_few_loras": "'lora_5_rank' missing",
 }
 
 
