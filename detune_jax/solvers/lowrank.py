@@ -26,10 +26,56 @@ def _orth(x):
   return jnp.linalg.qr(x, mode="reduced")[0]
 
 
+def svd_wide(B):
+  """SVD of a short, wide ``B: [q, k]`` (``q <= k``) as ``(u, s, V)``.
+
+  ``B = u @ diag(s) @ V.T`` with ``u: [q, q]``, ``V: [k, q]`` orthonormal.
+  LAPACK's SVD of a wide matrix is slow on CPU; a QR of ``B.T`` followed by
+  the SVD of the ``q x q`` triangle costs a fraction of it (measured 0.9 ms
+  against 3.3 ms for five ``[16, 768]`` matrices on 2 cores).
+  """
+  qz, rz = jnp.linalg.qr(B.T)                 # B.T = qz rz, qz: [k, q]
+  u, s, wh = jnp.linalg.svd(rz.T)             # rz.T = u s wh
+  return u, s, qz @ wh.T
+
+
+def orthonormalize(Y, rtol: float = 1e-6):
+  """An orthonormal basis of the columns of ``Y: [d, q]`` via its Gram matrix.
+
+  ``Y^T Y = W diag(lam) W^T``; returns ``Y W diag(lam)^{-1/2}``, with the
+  columns of eigenvalues below ``rtol`` times the largest set to zero (their
+  directions are lost to rounding anyway). One small ``eigh`` and matrix
+  products instead of a Householder QR, which XLA:CPU runs as a slow LAPACK
+  call (0.23 ms against 0.8 ms for five ``[768, 16]`` matrices on 2 cores).
+  Column order follows ``lam`` (ascending).
+  """
+  lam, w = jnp.linalg.eigh(Y.T @ Y)
+  keep = lam > rtol * lam[-1]
+  inv = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, lam, 1.0)), 0.0)
+  return Y @ (w * inv[None, :])
+
+
+def svd_rows(B, fill, rtol: float = 1e-6):
+  """Leading singular triplets of a wide ``B: [q, k]`` from ``B B^T``.
+
+  Returns ``(u [q, q], s [q], V [k, q])`` with ``s`` descending and
+  ``B ~= u diag(s) V^T``. Columns of ``V`` whose singular value is below
+  ``rtol`` times the largest carry no information; they are replaced by the
+  matching columns of ``fill: [k, q]`` so that a subspace iteration started
+  from ``V`` keeps exploring ``q`` directions.
+  """
+  lam, u = jnp.linalg.eigh(B @ B.T)
+  lam, u = lam[::-1], u[:, ::-1]
+  s = jnp.sqrt(jnp.maximum(lam, 0.0))
+  keep = s > rtol * s[0]
+  V = (B.T @ u) * jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0)[None]
+  return u, s, jnp.where(keep[None], V, fill)
+
+
 def _rayleigh_ritz(A, Q):
   """SVD of ``A`` restricted to the column space of orthonormal ``Q``."""
-  ub, s, vh = jnp.linalg.svd(Q.T @ A, full_matrices=False)
-  return Q @ ub, s, vh.T
+  u, s, V = svd_wide(Q.T @ A)
+  return Q @ u, s, V
 
 
 def svd_exact(A, q: int):

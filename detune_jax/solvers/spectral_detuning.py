@@ -36,13 +36,17 @@ class Diagnostics(NamedTuple):
       after an early stop.
     steps: int32 number of steps taken.
     final_rank: ``[n]`` int32 working rank of the last step taken.
-    final_loss: float32 loss after the last step taken.
+    final_loss: float32 loss after the last step taken (always computed on
+      the dense residuals).
+    w_error: ``[steps]`` float32 ``log10 MSE(W - W_true)`` after each step
+      when ``W_true`` was given (evaluation only), else ``None``.
   """
   loss: jnp.ndarray
   rank: jnp.ndarray
   steps: jnp.ndarray
   final_rank: jnp.ndarray
   final_loss: jnp.ndarray
+  w_error: Optional[jnp.ndarray] = None
 
 
 def stack_sum(x):
@@ -77,73 +81,202 @@ def normalize_ranks(rank: Rank, n: int, d: int, k: int) -> tuple[int, ...]:
   return ranks
 
 
-def _solve_layer(W_primes, key, init, *, ranks, steps, schedule, svd, tol,
-                 niter, oversample):
-  """Spectral DeTuning for one ``[n, d, k]`` float32 stack (traceable)."""
-  n, d, k = W_primes.shape
+def _center(W_primes):
+  """``(D, W_bar)``: deviations ``W'_i - W_bar`` from the mean and the mean.
+
+  Works on ``[n, d, k]`` and ``[L, n, d, k]``. The rounding of ``W_bar`` is
+  recovered later from ``stack_mean(D)`` (which is ``mean - W_bar`` to within
+  rounding of the small ``D``), so the final ``W`` is as exact as float32
+  allows.
+  """
+  n = W_primes.shape[-3]
+  W_bar = functools.reduce(
+      jnp.add, [W_primes[..., i, :, :] for i in range(n)]) / n
+  return W_primes - W_bar[..., None, :, :], W_bar
+
+
+_center_jit = jax.jit(_center)
+# Reuses the input's buffer for D: no second copy of the stack.
+_center_donating = jax.jit(_center, donate_argnums=0)
+
+
+def _lowrank_apply(P, V, X):
+  """``E @ X_i`` for every i, with ``E = mean_j P_j V_j^T``; X: [n, k, p]."""
+  G = jnp.einsum("jkq,ikp->ijqp", V, X)                      # V_j^T X_i
+  return jnp.einsum("jdq,ijqp->idp", P, G) / P.shape[0]
+
+
+def _lowrank_apply_t(P, V, Q):
+  """``Q_i^T @ E`` for every i, with ``E = mean_j P_j V_j^T``; Q: [n, d, p]."""
+  G = jnp.einsum("idp,jdq->ijpq", Q, P)                      # Q_i^T P_j
+  return jnp.einsum("ijpq,jkq->ipk", G, V) / P.shape[0]
+
+
+def _solve_layer(D, W_bar, key, init, W_true, *, ranks, steps, schedule, svd,
+                 tol, niter, oversample, exact_loss):
+  """Spectral DeTuning for one layer given ``D = W'_i - W_bar`` (traceable).
+
+  The state is factored: ``M_i = P_i V_i^T`` (``P_i = U_i diag(S_i)``, rank
+  ``q``) and ``W = W_bar - E`` with ``E = mean_i M_i``. A residual
+  ``W'_i - W = D_i + E`` is never formed for the ``"subspace"`` method: its
+  products with thin matrices are ``D_i X + E X`` with ``E X`` done through
+  the factors, so each step touches the dense stack in exactly two thin
+  products per LoRA (``D_i V_i`` and ``Q_i^T D_i``).
+  """
+  n, d, k = D.shape
   r_end = max(ranks)
   q = r_end if svd == "exact" else min(r_end + oversample, d, k)
   ranks_arr = jnp.asarray(ranks, jnp.int32)
-  W_bar = stack_mean(W_primes)
-  W0 = W_bar if init is None else init.astype(jnp.float32)
+  exact_loss = exact_loss or svd != "subspace" or tol is not None
+  cols = jnp.arange(q)
+  # sum_i ||D_i||^2, summed per slice (no reduction over the stacked axis).
+  sum_d2 = stack_sum(jnp.sum(D * D, axis=(1, 2)))
+  scale = 1.0 / (n * d * k)
+  E0 = None if init is None else W_bar - init.astype(jnp.float32)
 
-  def msvd(R, t, V):
+  def apply_e(state, X):
+    if state is None:
+      return 0.0 if E0 is None else jnp.einsum("dk,ikp->idp", E0, X)
+    return _lowrank_apply(*state, X)
+
+  def apply_e_t(state, Qx):
+    if state is None:
+      return 0.0 if E0 is None else jnp.einsum("idp,dk->ipk", Qx, E0)
+    return _lowrank_apply_t(*state, Qx)
+
+  def dense_e(state):
+    if state is None:
+      return jnp.zeros((d, k), jnp.float32) if E0 is None else E0
+    P, V = state
+    return jnp.einsum("jdq,jkq->dk", P, V) / n
+
+  def m_step(state, V, t):
+    """Returns ``(U [n,d,q], S [n,q], V [n,k,q], <D_i, U_i S_i V_i^T>-helper)``."""
     if svd == "subspace":
-      return jax.vmap(lowrank.svd_subspace)(R, V)
+      Y = jnp.einsum("ndk,nkq->ndq", D, V) + apply_e(state, V)
+      Q = jax.vmap(lowrank.orthonormalize)(Y)
+      B_d = jnp.einsum("ndq,ndk->nqk", Q, D)                     # Q_i^T D_i
+      u, S, V_new = jax.vmap(lowrank.svd_rows, in_axes=(0, None))(
+          B_d + apply_e_t(state, Q), omega)
+      U = jnp.einsum("ndq,nqp->ndp", Q, u)
+      # diag(U_i^T D_i V_i), for <D_i, M_i> of the loss from norms.
+      DV = jnp.einsum("nqp,nqk,nkp->np", u, B_d, V_new)
+      return U, S, V_new, DV
+    R = D + dense_e(state)[None]
     if svd == "randomized":
       kt = jax.random.fold_in(key, t)
-      return jax.vmap(lambda a: lowrank.svd_randomized(a, q, kt, niter))(R)
-    return jax.vmap(lambda a: lowrank.svd_exact(a, q))(R)
+      U, S, V_new = jax.vmap(lambda a: lowrank.svd_randomized(a, q, kt, niter))(R)
+    else:
+      U, S, V_new = jax.vmap(lambda a: lowrank.svd_exact(a, q))(R)
+    return U, S, V_new, None
 
+  def loss_of(P, V, S_m, DV, E):
+    if exact_loss:
+      # Eq. 3 on dense residuals, one LoRA at a time.
+      per = [jnp.sum(jnp.square(D[i] + E - P[i] @ V[i].T)) for i in range(n)]
+      return functools.reduce(jnp.add, per) * scale
+    # Eq. 3 from norms: sum_i ||D_i + E - M_i||^2
+    #   = sum_i ||D_i||^2 - 2 <D_i, M_i> + ||M_i||^2  - n ||E||^2,
+    # using sum_i D_i = 0 and sum_i M_i = n E. Exact up to float32 rounding
+    # of sum_i ||D_i||^2 (about 1e-7 of it): far below every loss the
+    # scheduler acts on (it only acts while some LoRA is below its end rank).
+    # ||M_i||^2 and ||E||^2 from the Gram matrices of the factors (V is
+    # orthonormal only to rounding, so its Gram matrix is used, not 1).
+    G_pv = (jnp.einsum("idp,jdq->ijpq", P, P)
+            * jnp.einsum("ikp,jkq->ijpq", V, V))
+    e2 = jnp.sum(G_pv) / (n * n)
+    m2 = jnp.sum(jnp.diagonal(G_pv, axis1=0, axis2=1))
+    total = sum_d2 - 2.0 * jnp.sum(S_m * DV) + m2 - n * e2
+    return jnp.maximum(total, 0.0) * scale
+
+  def step(t, state, V, sched):
+    cur = jnp.minimum(sched.rank, ranks_arr)                      # [n]
+    U, S, V_new, DV = m_step(state, V, t)
+    S_m = jnp.where(cols[None, :] < cur[:, None], S, 0.0)
+    P = U * S_m[:, None, :]
+    E = dense_e((P, V_new)) if (exact_loss or W_true is not None) else None
+    loss = loss_of(P, V_new, S_m, DV, E)
+    w_err = None
+    if W_true is not None:
+      w_err = _log10_mse(W_bar - E + mean_d, W_true)
+    return cur, (P, V_new), loss, w_err
+
+  mean_d = stack_mean(D)
+
+  # Starting right subspace: a randomized range finder (niter power
+  # iterations) on the residuals of the initial W. One Gaussian sketch for
+  # every LoRA keeps the result independent of their order.
+  omega = jnp.linalg.qr(jax.random.normal(key, (k, q), jnp.float32))[0]
+  V = jnp.broadcast_to(omega, (n, k, q))
   if svd == "subspace":
-    # Same sketch for every LoRA keeps the result independent of their order.
-    V_init = jax.vmap(lambda a: lowrank.svd_randomized(a, q, key, niter)[2])(
-        W_primes - W0[None])
-  else:
-    V_init = jnp.zeros((n, k, q), jnp.float32)
+    for _ in range(niter + 1):
+      Y = jnp.einsum("ndk,nkq->ndq", D, V) + apply_e(None, V)
+      Qy = jnp.linalg.qr(Y)[0]
+      Z = jnp.einsum("ndq,ndk->nqk", Qy, D) + apply_e_t(None, Qy)
+      V = jnp.linalg.qr(jnp.swapaxes(Z, 1, 2))[0]
+
+  trace = W_true is not None
+  sched0 = rank_schedule_init(schedule, r_end)
+  # Step 0 is taken outside the loop: its residuals use the (possibly dense)
+  # initial E, every later step the factored one.
+  cur0, fac0, loss0, werr0 = step(0, None, V, sched0)
+  sched1 = rank_schedule_step(schedule, sched0, loss0, 1, r_end, steps)
+  loss_tr = jnp.full((steps,), jnp.nan, jnp.float32).at[0].set(loss0)
+  rank_tr = jnp.zeros((steps, n), jnp.int32).at[0].set(cur0)
+  werr_tr = (jnp.full((steps,), jnp.nan, jnp.float32).at[0].set(werr0)
+             if trace else None)
 
   def body(c):
-    t, W, V, sched, loss_tr, rank_tr, prev_loss, _ = c
-    cur = jnp.minimum(sched.rank, ranks_arr)                      # [n]
-    U, S, V_new = msvd(W_primes - W[None], t, V)
-    S = jnp.where(jnp.arange(q)[None, :] < cur[:, None], S, 0.0)
-    M = jnp.einsum("ndq,nkq->ndk", U * S[:, None, :], V_new)
-    W_new = W_bar - stack_mean(M)
-    E = W_primes - W_new[None] - M
-    loss = jnp.mean(jnp.mean(E * E, axis=(1, 2)))
+    t, fac, sched, loss_tr, rank_tr, werr_tr, prev_loss, _ = c
+    cur, fac_new, loss, w_err = step(t, fac, fac[1], sched)
     sched = rank_schedule_step(schedule, sched, loss, t + 1, r_end, steps)
     done = jnp.asarray(False)
     if tol is not None:
       at_end = jnp.all(cur == ranks_arr)
-      done = at_end & (t > 0) & (prev_loss - loss <= tol * prev_loss)
-    return (t + 1, W_new, V_new, sched, loss_tr.at[t].set(loss),
-            rank_tr.at[t].set(cur), loss, done)
+      done = at_end & (prev_loss - loss <= tol * prev_loss)
+    if trace:
+      werr_tr = werr_tr.at[t].set(w_err)
+    return (t + 1, fac_new, sched, loss_tr.at[t].set(loss),
+            rank_tr.at[t].set(cur), werr_tr, loss, done)
 
   def cond(c):
     return (c[0] < steps) & ~c[-1]
 
-  init_c = (jnp.asarray(0, jnp.int32), W0, V_init,
-            rank_schedule_init(schedule, r_end),
-            jnp.full((steps,), jnp.nan, jnp.float32),
-            jnp.zeros((steps, n), jnp.int32),
-            jnp.asarray(jnp.inf, jnp.float32), jnp.asarray(False))
-  t, W, _, _, loss_tr, rank_tr, loss, _ = jax.lax.while_loop(cond, body, init_c)
-  last = jnp.maximum(t - 1, 0)
+  init_c = (jnp.asarray(1, jnp.int32), fac0, sched1, loss_tr, rank_tr,
+            werr_tr, loss0, jnp.asarray(False))
+  t, (P, V), _, loss_tr, rank_tr, werr_tr, loss, _ = jax.lax.while_loop(
+      cond, body, init_c)
+  E = dense_e((P, V))
+  W = W_bar - E + mean_d
+  last = t - 1
+  if not exact_loss:
+    # The trace's values below ~1e-7 of sum_i ||D_i||^2 / (n d k) are float32
+    # noise of the norm formula; the final loss is computed on the residuals.
+    per = [jnp.sum(jnp.square(D[i] + E - P[i] @ V[i].T)) for i in range(n)]
+    loss = functools.reduce(jnp.add, per) * scale
+    loss_tr = loss_tr.at[last].set(loss)
   return W, Diagnostics(loss=loss_tr, rank=rank_tr, steps=t,
-                        final_rank=rank_tr[last], final_loss=loss)
+                        final_rank=rank_tr[last], final_loss=loss,
+                        w_error=werr_tr)
+
+
+def _log10_mse(W, W_true):
+  return jnp.log10(jnp.maximum(jnp.mean(jnp.square(W - W_true)), 1e-30))
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "ranks", "steps", "schedule", "svd", "tol", "niter", "oversample"))
-def _solve(W_primes, key, init, *, ranks, steps, schedule, svd, tol, niter,
-           oversample):
+    "ranks", "steps", "schedule", "svd", "tol", "niter", "oversample",
+    "exact_loss"))
+def _solve(D, W_bar, key, init, W_true, *, ranks, steps, schedule, svd, tol,
+           niter, oversample, exact_loss):
   fn = functools.partial(_solve_layer, ranks=ranks, steps=steps,
                          schedule=schedule, svd=svd, tol=tol, niter=niter,
-                         oversample=oversample)
-  if W_primes.ndim == 4:
-    return jax.vmap(fn, in_axes=(0, None, None if init is None else 0))(
-        W_primes, key, init)
-  return fn(W_primes, key, init)
+                         oversample=oversample, exact_loss=exact_loss)
+  if D.ndim == 4:
+    return jax.vmap(fn, in_axes=(0, 0, None, None if init is None else 0,
+                                 None if W_true is None else 0))(
+                                     D, W_bar, key, init, W_true)
+  return fn(D, W_bar, key, init, W_true)
 
 
 def spectral_detuning(W_primes, rank: Rank, steps: int = 300, *,
@@ -153,7 +286,10 @@ def spectral_detuning(W_primes, rank: Rank, steps: int = 300, *,
                       seed: int = 0,
                       init=None,
                       niter: int = 2,
-                      oversample: int = 0):
+                      oversample: int = 0,
+                      exact_loss: bool = False,
+                      donate_input: bool = False,
+                      W_true=None):
   """Recovers the pre-fine-tuning weights of one layer or a batch of layers.
 
   Args:
@@ -178,6 +314,20 @@ def spectral_detuning(W_primes, rank: Rank, steps: int = 300, *,
       mean of the ``W'_i``, e.g. a closed-form estimate to refine.
     niter: power iterations of the randomized sketches.
     oversample: extra subspace columns for the randomized/subspace methods.
+    exact_loss: compute the per-step loss on dense residuals (costs about one
+      more pass over the stack per step). By default the ``"subspace"``
+      method computes Eq. 3 from norms of the factors, which is exact up to
+      float32 rounding of ``sum_i ||W'_i - mean W'||^2`` (about 1e-7 of it;
+      smaller trace values are noise). The scheduler only acts on losses far
+      above that, and ``final_loss`` is always exact. Forced on by ``tol``
+      and by the ``"exact"``/``"randomized"`` methods.
+    donate_input: let the solver reuse the buffer of ``W_primes`` (a float32
+      ``jax.Array``, deleted afterwards) instead of holding a second copy of
+      the stack. Inputs that are converted (numpy arrays, other dtypes) are
+      always solved in their converted copy.
+    W_true: optional ground truth (``[d, k]`` or ``[L, d, k]``): records the
+      per-step W-Error in ``diagnostics.w_error`` (evaluation only; costs one
+      dense product per step).
 
   Returns:
     ``(W, diagnostics)``: the float32 recovery (``[d, k]`` or ``[L, d, k]``)
@@ -192,6 +342,7 @@ def spectral_detuning(W_primes, rank: Rank, steps: int = 300, *,
   >>> bool(jnp.log10(jnp.mean((W_rec - W) ** 2)) < -12)
   True
   """
+  owned = not isinstance(W_primes, jax.Array)
   W_primes = jnp.asarray(W_primes)
   if W_primes.ndim not in (3, 4):
     raise ValueError("W_primes must be [n, d, k] or [L, n, d, k], got shape "
@@ -212,7 +363,17 @@ def spectral_detuning(W_primes, rank: Rank, steps: int = 300, *,
     if init.shape != W_primes.shape[:-3] + (d, k):
       raise ValueError(f"init has shape {tuple(init.shape)}, expected "
                        f"{W_primes.shape[:-3] + (d, k)}")
-  return _solve(W_primes.astype(jnp.float32), jax.random.key(seed), init,
+  if W_true is not None:
+    W_true = jnp.asarray(W_true, jnp.float32)
+    if W_true.shape != W_primes.shape[:-3] + (d, k):
+      raise ValueError(f"W_true has shape {tuple(W_true.shape)}, expected "
+                       f"{W_primes.shape[:-3] + (d, k)}")
+  owned = owned or W_primes.dtype != jnp.float32
+  W_primes = W_primes.astype(jnp.float32)
+  center = _center_donating if (owned or donate_input) else _center_jit
+  D, W_bar = center(W_primes)
+  del W_primes
+  return _solve(D, W_bar, jax.random.key(seed), init, W_true,
                 ranks=ranks, steps=int(steps), schedule=schedule, svd=svd,
                 tol=None if tol is None else float(tol), niter=int(niter),
-                oversample=int(oversample))
+                oversample=int(oversample), exact_loss=bool(exact_loss))
