@@ -1,0 +1,359 @@
+r"""Benchmark: detune_jax against the paper's Algorithm 2 in PyTorch.
+
+Runs both methods on the same seeded synthetic stacks ``W'_i = W + B_i A_i``
+and prints, per case and method, the wall seconds (compilation excluded for
+detune_jax and reported apart), seconds per step, the final W-Error, the
+time-to-accuracy (wall time until the W-Error of the case, the mean over its
+layers of ``log10 MSE``, first reaches the reference's final W-Error) and the
+reference/detune_jax ratios; for the Mistral-shaped case each method runs in a
+fresh subprocess and its peak resident memory, less what the process held
+right after its imports, is compared with the bytes of the float32 input
+stack.
+
+  python -m experiments.bench_solver --cases=vit,sd,mistral --repeats=3
+
+The reference is ``experiments/reference_torch.py`` (torch is an optional
+extra: ``pip install .[reference]``); without torch only detune_jax runs and
+the output says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Sequence, Tuple
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from detune_jax import parallel
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("cases", ["vit", "sd", "mistral"], "Cases to run.")
+flags.DEFINE_integer("repeats", 3, "Timed repeats per case and method "
+                     "(medians are reported).")
+flags.DEFINE_integer("layers", 0, "If > 0, at most this many layers of each "
+                     "shape (a quick run).")
+flags.DEFINE_integer("steps", 300, "Optimisation steps (ViT and SD cases).")
+flags.DEFINE_integer("mistral_steps", 30, "Optimisation steps of the "
+                     "Mistral-shaped case (memory does not depend on it).")
+flags.DEFINE_integer("seed", 0, "Seed of the synthetic stacks.")
+flags.DEFINE_string("svd", "subspace", "detune_jax M-step method.")
+flags.DEFINE_integer("chunk", 0, "detune_jax layers per solver call "
+                     "(0: all layers of a shape at once).")
+flags.DEFINE_bool("reference", True, "Also run the PyTorch reference.")
+flags.DEFINE_string("json_out", None, "Write all figures to this JSON file.")
+# Internal: one method of the Mistral case in a fresh process.
+flags.DEFINE_string("_memory_child", None, "internal")
+
+# name -> (list of (shape, layer count), n, rank)
+CASES = {
+    "vit": ([((768, 768), 24)], 5, 16),
+    "sd": ([((320, 320), 2), ((640, 640), 2), ((1280, 1280), 2),
+            ((320, 768), 1), ((640, 768), 1), ((1280, 768), 1)], 5, 32),
+    "mistral": ([((4096, 4096), 1)], 12, 64),
+}
+SCALE = 0.02
+
+
+def _stack_fn(L, n, d, k, r):
+  """A jitted generator of ``(W [L, d, k], W' [L, n, d, k])``.
+
+  The stack is written one LoRA at a time into its buffer, so generating it
+  takes about its own size in memory.
+  """
+  def make(seed):
+    key = jax.random.key(seed)
+    W = jax.random.normal(jax.random.fold_in(key, 1 << 20), (L, d, k)) * SCALE
+
+    def one(i, out):
+      kb, ka = jax.random.split(jax.random.fold_in(key, i))
+      B = jax.random.normal(kb, (L, d, r)) * SCALE
+      A = jax.random.normal(ka, (L, r, k)) * SCALE
+      return jax.lax.dynamic_update_index_in_dim(out, W + B @ A, i, axis=1)
+    out = jnp.zeros((L, n, d, k), jnp.float32)
+    return W, jax.lax.fori_loop(0, n, one, out)
+  return jax.jit(make)
+
+
+def make_case(name: str, seed: int, max_layers: int = 0):
+  """Groups of ``(W [L, d, k], W' [L, n, d, k])`` for a case, seeded."""
+  groups, n, r = CASES[name]
+  out = []
+  for g, ((d, k), count) in enumerate(groups):
+    L = min(count, max_layers) if max_layers > 0 else count
+    out.append(_stack_fn(L, n, d, k, r)(seed * 1000 + g))
+  return out, n, r
+
+
+def _case_trace(traces: List[np.ndarray]) -> np.ndarray:
+  """Per-step W-Error of a case: mean over all its layers (Eq. 8)."""
+  return np.mean(np.concatenate(traces, axis=0), axis=0)
+
+
+def _first_reach(trace: np.ndarray, target: float):
+  hit = np.nonzero(trace <= target)[0]
+  return None if hit.size == 0 else int(hit[0])
+
+
+# ----------------------------------------------------------------- detune_jax
+
+def _solve_groups(groups, r, steps, W_true=False):
+  """Solves every group in chunks; returns (per-group W, diags, seconds)."""
+  Ws, diags, seconds = [], [], 0.0
+  for W, Wp in groups:
+    L = Wp.shape[0]
+    chunk = FLAGS.chunk if FLAGS.chunk > 0 else L
+    parts = []
+    for s in range(0, L, chunk):
+      kw = dict(steps=steps, svd=FLAGS.svd)
+      if W_true:
+        kw["W_true"] = W[s:s + chunk]
+      start = time.perf_counter()
+      out = parallel.solve_layers(Wp[s:s + chunk], r, **kw)
+      jax.block_until_ready(out)
+      seconds += time.perf_counter() - start
+      parts.append(out[0])
+      diags.append(out[1])
+    Ws.append(jnp.concatenate(parts, axis=0))
+  return Ws, diags, seconds
+
+
+def _case_w_error(Ws, groups) -> float:
+  """W-Error of a case: mean over all its layers of log10 MSE."""
+  errs = [np.log10(np.maximum(np.mean(np.square(
+      np.asarray(got) - np.asarray(W)), axis=(1, 2)), 1e-30))
+          for got, (W, _) in zip(Ws, groups)]
+  return float(np.mean(np.concatenate(errs)))
+
+
+def run_detune_jax(groups, r, steps) -> Dict:
+  """Compiles, records the W-Error trace once, then times ``repeats`` runs."""
+  start = time.perf_counter()
+  _solve_groups(groups, r, steps)                              # compiles
+  compile_s = time.perf_counter() - start
+  _, diags, _ = _solve_groups(groups, r, steps, W_true=True)
+  trace = _case_trace([np.asarray(d.w_error) for d in diags])
+  walls, errs, steps_taken = [], [], []
+  for _ in range(FLAGS.repeats):
+    Ws, diags, sec = _solve_groups(groups, r, steps)
+    walls.append(sec)
+    errs.append(_case_w_error(Ws, groups))
+    steps_taken.append(max(int(np.max(d.steps)) for d in diags))
+  return dict(walls=walls, w_error=float(np.median(errs)), trace=trace,
+              steps=int(np.median(steps_taken)),
+              compile_and_first_run_s=compile_s, uniform_steps=True)
+
+
+# ------------------------------------------------------------------ reference
+
+def _torch():
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    return torch
+  except ImportError:
+    return None
+
+
+def run_reference(groups, r, steps) -> Dict:
+  import torch  # pylint: disable=g-import-not-at-top
+  from experiments import reference_torch  # pylint: disable=g-import-not-at-top
+  walls, errs, traces_all, cum_all = [], [], [], []
+  for rep in range(FLAGS.repeats):
+    torch.manual_seed(rep)
+    traces, cums, final = [], [], []
+    for W, Wp in groups:
+      W_np, Wp_np = np.asarray(W), np.asarray(Wp)
+      for l in range(W_np.shape[0]):
+        W_t = torch.from_numpy(W_np[l].copy())
+        trace, cum = [], []
+        clock = [0.0, time.perf_counter()]
+
+        def callback(step, W_s, W_t=W_t, trace=trace):
+          trace.append(float(torch.log10(torch.clamp(
+              torch.mean((W_s - W_t) ** 2), min=1e-30))))
+        # Per-step cumulative seconds: time the loop between callbacks.
+        def timed_callback(step, W_s, callback=callback, cum=cum, clock=clock):
+          now = time.perf_counter()
+          clock[0] += now - clock[1]
+          cum.append(clock[0])
+          callback(step, W_s)
+          clock[1] = time.perf_counter()
+        clock[1] = time.perf_counter()
+        _, _, _, _ = reference_torch.spectral_detuning(
+            torch.from_numpy(Wp_np[l].copy()), r, steps,
+            callback=timed_callback)
+        traces.append(np.asarray(trace)[None])
+        cums.append(np.asarray(cum))
+        final.append(trace[-1])
+    cum_case = np.sum(cums, axis=0)       # layers solved one after another
+    walls.append(float(cum_case[-1]))
+    errs.append(float(np.mean(final)))
+    traces_all.append(_case_trace(traces))
+    cum_all.append(cum_case)
+  best = int(np.argsort(walls)[len(walls) // 2])
+  return dict(walls=walls, w_error=float(np.median(errs)),
+              trace=traces_all[best], cum=cum_all, errs=errs, steps=steps,
+              uniform_steps=False)
+
+
+# --------------------------------------------------------------- memory case
+
+def _rss_kb(field: str) -> int:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1])
+  return -1
+
+
+def memory_child(method: str) -> Dict:
+  """One method on the Mistral-shaped layer, in this (fresh) process."""
+  if method == "reference":
+    import torch  # pylint: disable=g-import-not-at-top
+    from experiments import reference_torch  # pylint: disable=g-import-not-at-top
+  after_imports = _rss_kb("VmRSS")
+  (W, Wp), = make_case("mistral", FLAGS.seed)[0]     # [1, d, k], [1, n, d, k]
+  jax.block_until_ready(Wp)
+  _, n, r = CASES["mistral"]
+  input_bytes = Wp.size * 4
+  steps = FLAGS.mistral_steps
+  start = time.perf_counter()
+  if method == "reference":
+    W_np = np.asarray(W)[0]
+    Wp_t = torch.from_numpy(np.asarray(Wp)[0])  # shares the stack's buffer
+    W_rec, _, _, seconds = reference_torch.spectral_detuning(Wp_t, r, steps)
+    W_rec = W_rec.numpy()
+  else:
+    W_np = np.asarray(W)[0]
+    # The stack is handed over: the solver keeps W' - mean in its buffer.
+    W_rec, _ = parallel.solve_layers(Wp, r, steps=steps, svd=FLAGS.svd,
+                                     donate_input=True)
+    del Wp
+    W_rec = np.asarray(W_rec[0])
+    seconds = time.perf_counter() - start  # includes compilation
+  peak = _rss_kb("VmHWM")
+  err = float(np.log10(max(np.mean((W_rec - W_np) ** 2), 1e-30)))
+  return dict(method=method, seconds=seconds, steps=steps, w_error=err,
+              peak_minus_imports_bytes=(peak - after_imports) * 1024,
+              input_bytes=input_bytes,
+              ratio=(peak - after_imports) * 1024 / input_bytes)
+
+
+def run_memory_case(method: str) -> Dict:
+  cmd = [sys.executable, "-m", "experiments.bench_solver",
+         f"--_memory_child={method}", f"--seed={FLAGS.seed}",
+         f"--mistral_steps={FLAGS.mistral_steps}", f"--svd={FLAGS.svd}"]
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                       env=dict(os.environ))
+  if out.returncode != 0:
+    raise RuntimeError(f"memory child {method} failed:\n{out.stderr[-3000:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# -------------------------------------------------------------------- report
+
+def _tta(res: Dict, target: float):
+  """Seconds until the case first reaches ``target`` (median over repeats)."""
+  s = _first_reach(res["trace"], target + 1e-9)
+  if s is None:
+    return None, None
+  if res["uniform_steps"]:
+    # detune_jax's steps all cost the same (it works at the end rank).
+    return float(np.median(res["walls"]) / res["steps"] * (s + 1)), s + 1
+  return float(np.median([c[s] for c in res["cum"]])), s + 1
+
+
+def _fmt(x, f="{:.3f}"):
+  return "n/a" if x is None else f.format(x)
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  if FLAGS._memory_child:
+    print(json.dumps(memory_child(FLAGS._memory_child)))
+    return
+  torch = _torch() if FLAGS.reference else None
+  if FLAGS.reference and torch is None:
+    print("NOTE: torch is not installed (pip install .[reference]); "
+          "the PyTorch reference is skipped, no ratios are printed.")
+  else:
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}"
+          if torch else "reference disabled")
+  print(f"jax {jax.__version__}, devices {jax.devices()}, "
+        f"cpus {os.cpu_count()}, repeats {FLAGS.repeats}")
+  results = {}
+  for case in FLAGS.cases:
+    if case == "mistral":
+      res = {"detune_jax": run_memory_case("detune_jax")}
+      if torch is not None:
+        res["reference"] = run_memory_case("reference")
+      results[case] = res
+      print(f"\n== mistral: 1 layer 4096x4096, n=12, r=64, "
+            f"{FLAGS.mistral_steps} steps (fresh process per method)")
+      for m, v in res.items():
+        print(f"  {m:11s} wall {v['seconds']:8.2f} s  s/step "
+              f"{v['seconds'] / v['steps']:7.3f}  W-Error {v['w_error']:7.2f}  "
+              f"peak-imports {v['peak_minus_imports_bytes'] / 2**20:7.0f} MiB "
+              f"= {v['ratio']:.2f}x input ({v['input_bytes'] / 2**20:.0f} MiB)")
+      continue
+    groups, n, r = make_case(case, FLAGS.seed, FLAGS.layers)
+    n_layers = sum(int(W.shape[0]) for W, _ in groups)
+    shapes = ", ".join(f"{int(W.shape[0])}x{tuple(W.shape[1:])}"
+                       for W, _ in groups)
+    print(f"\n== {case}: {n_layers} layers ({shapes}), n={n}, r={r}, "
+          f"{FLAGS.steps} steps")
+    res = {"detune_jax": run_detune_jax(groups, r, FLAGS.steps)}
+    if torch is not None:
+      res["reference"] = run_reference(groups, r, FLAGS.steps)
+    target = res["reference"]["w_error"] if torch is not None else None
+    for m, v in res.items():
+      wall = float(np.median(v["walls"]))
+      v["wall_median"] = wall
+      v["s_per_step"] = wall / v["steps"]
+      if target is not None:
+        v["tta"], v["tta_step"] = _tta(v, target)
+      print(f"  {m:11s} wall {wall:8.2f} s (runs {_fmt_list(v['walls'])})  "
+            f"s/step {v['s_per_step']:.4f}  steps {v['steps']}  "
+            f"W-Error {v['w_error']:7.2f}  "
+            f"time-to-acc {_fmt(v.get('tta'))} s (step {v.get('tta_step')})")
+    if "compile_and_first_run_s" in res["detune_jax"]:
+      print(f"  detune_jax compilation (first call, not in wall): "
+            f"{res['detune_jax']['compile_and_first_run_s']:.2f} s")
+    if target is not None:
+      a, b = res["reference"], res["detune_jax"]
+      ratio_wall = a["wall_median"] / b["wall_median"]
+      ratio_tta = (a["tta"] / b["tta"]) if (a["tta"] and b["tta"]) else None
+      print(f"  ratio reference/detune_jax: wall {ratio_wall:.1f}x, "
+            f"s/step {a['s_per_step'] / b['s_per_step']:.1f}x, "
+            f"time-to-accuracy {_fmt(ratio_tta, '{:.1f}')}x; "
+            f"W-Error {b['w_error']:.2f} vs {a['w_error']:.2f}")
+      res["ratio"] = dict(wall=ratio_wall, tta=ratio_tta)
+    results[case] = res
+  if FLAGS.json_out:
+    def clean(x):
+      if isinstance(x, dict):
+        return {k: clean(v) for k, v in x.items()}
+      if isinstance(x, (list, tuple)):
+        return [clean(v) for v in x]
+      if isinstance(x, np.ndarray):
+        return x.tolist()
+      if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+      return x
+    with open(FLAGS.json_out, "w") as f:
+      json.dump(clean(results), f, indent=1)
+
+
+def _fmt_list(xs):
+  return ", ".join(f"{x:.2f}" for x in xs)
+
+
+if __name__ == "__main__":
+  app.run(main)
