@@ -1,0 +1,64 @@
+"""The benchmark binary and its PyTorch reference (tiny sizes, no timings)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import detune_jax as dj
+from detune_jax.synthetic import lora_stack
+
+torch = pytest.importorskip("torch", reason="torch is the optional "
+                            "'reference' extra")
+from experiments import reference_torch  # pylint: disable=g-import-not-at-top
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_reference_scheduler_matches_rank_schedule():
+  rng = np.random.default_rng(0)
+  # Long flat stretches (plateaus) between drops, then steady decrease.
+  losses = np.concatenate([np.full(30, 1.0), np.linspace(1, 0.5, 20),
+                           np.full(40, 0.5), rng.uniform(0.1, 0.2, 60)])
+  steps, end = 150, 16
+  ref = reference_torch.IncreaseRankOnPlateau(steps, end)
+  sched = dj.RankSchedule()
+  state = dj.rank_schedule_init(sched, end)
+  for t, loss in enumerate(losses, start=1):
+    r_ref = ref.step(float(np.float32(loss)))
+    state = dj.rank_schedule_step(sched, state, jnp.float32(loss), t, end,
+                                  steps)
+    assert int(state.rank) == r_ref, t
+
+
+def test_reference_vs_detune_jax_on_a_small_layer():
+  W, W_primes = lora_stack(0, 96, 80, n=4, rank=4)
+  torch.manual_seed(0)
+  W_ref, losses, ranks, _ = reference_torch.spectral_detuning(
+      torch.from_numpy(np.asarray(W_primes)), 4, 150)
+  W_jax, diag = dj.spectral_detuning(W_primes, 4, 150)
+  err_ref = float(dj.w_error(W_ref.numpy(), W))
+  err_jax = float(dj.w_error(W_jax, W))
+  assert err_ref < -12 and err_jax < -12
+  assert abs(err_jax - err_ref) < 1.5
+  assert ranks[0] == 1 and ranks[-1] == 4
+  np.testing.assert_allclose(W_jax, W_ref.numpy(), atol=1e-5)
+
+
+def test_benchmark_binary_smoke(tmp_path):
+  out = tmp_path / "bench.json"
+  cmd = [sys.executable, "-m", "experiments.bench_solver", "--cases=vit",
+         "--layers=1", "--steps=6", "--repeats=1", f"--json_out={out}"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                        timeout=900, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "ratio reference/detune_jax" in proc.stdout
+  res = json.loads(out.read_text())["vit"]
+  for method in ("detune_jax", "reference"):
+    assert len(res[method]["walls"]) == 1
+    assert len(res[method]["trace"]) == 6
+    assert np.isfinite(res[method]["w_error"])
