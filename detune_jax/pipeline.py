@@ -219,9 +219,10 @@ def open_inputs(config: RecoverConfig) -> Inputs:
   _parse_rank(config.rank)
   _parse_ambiguous(config.ambiguous_rank)
   if config.lowra_bench:
-    if config.models:
-      raise BadInputError("--models", "give --models or --lowra_bench, not "
-                          "both")
+    if config.models or config.ground_truth:
+      raise BadInputError("--lowra_bench", "takes neither --models nor "
+                          "--ground_truth (the pre-FT weights are in the "
+                          "parquet files)")
     n = len(config.lora_ids) or config.n_loras
     if n < 2:
       raise BadInputError("--n_loras", f"need at least 2 models, got {n}")

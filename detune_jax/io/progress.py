@@ -34,7 +34,7 @@ def write_json_atomic(path, obj):
   """Writes JSON to ``path + ".tmp"``, fsyncs, then ``os.replace``-s it."""
   tmp = str(path) + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, allow_nan=True)
+    json.dump(obj, f, indent=1, allow_nan=True, default=str)
     f.write("\n")
     f.flush()
     os.fsync(f.fileno())
