@@ -25,9 +25,13 @@ Steps:
 4. Assemble the output files from the checkpoint and the first model.
 
 Ambiguous rank estimates (``rank="auto"``) follow ``ambiguous_rank``:
-``"error"`` (default; bad input naming the tensor), ``"guess"`` (use the
-estimator's best guess), ``"mean"`` (treat the tensor as averaged) or an int
-(use that rank).
+``"consistent"`` (default: keep the estimate when, with 3+ models, every
+pairwise difference has a rank gap exactly at ``r_i + r_j`` of the per-LoRA
+estimate, which is what bf16 releases look like, where rounding noise makes
+the gaps weak; otherwise bad input naming the tensor), ``"error"`` (any
+ambiguity is bad input), ``"guess"`` (use the estimator's best guess
+anyway), ``"mean"`` (treat the tensor as averaged) or an int (use that
+rank).
 
 Multi-process (after :func:`initialize_distributed`): every process opens the
 inputs, scans a strided share of the tensors (results are all-gathered), then
@@ -65,7 +69,7 @@ FORMAT_VERSION = 1
 REPORT_FILE = "report.json"
 PLAN_FILE = "plan.json"
 KINDS = ("copy", "lora", "mean", "first")
-RANK_SOURCES = ("flag", "estimated", "guess", "fallback")
+RANK_SOURCES = ("flag", "estimated", "guess", "fallback", "consistent")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +91,8 @@ class RecoverConfig:
     n_loras: number of LoWRA Bench LoRAs (the first ones) when ``lora_ids``
       is empty.
     lora_ids: LoWRA Bench LoRA indices to use.
-    ambiguous_rank: ``"error"``, ``"guess"``, ``"mean"`` or an int (as str).
+    ambiguous_rank: ``"consistent"``, ``"error"``, ``"guess"``, ``"mean"``
+      or an int (as str); see the module docstring.
     max_rank: largest per-LoRA rank ``rank="auto"`` considers.
     plots: also write PNG plots.
   """
@@ -104,7 +109,7 @@ class RecoverConfig:
   subset: Optional[str] = None
   n_loras: int = 5
   lora_ids: Tuple[int, ...] = ()
-  ambiguous_rank: str = "error"
+  ambiguous_rank: str = "consistent"
   max_rank: int = 256
   plots: bool = False
 
@@ -117,7 +122,8 @@ class TensorPlan(NamedTuple):
     kind: ``"copy"`` (identical in all models), ``"lora"`` (solved),
       ``"mean"`` (averaged) or ``"first"`` (non-float, from the first model).
     ranks: per-LoRA ranks (``"lora"`` only).
-    rank_source: ``"flag"``, ``"estimated"``, ``"guess"`` or ``"fallback"``.
+    rank_source: ``"flag"``, ``"estimated"``, ``"consistent"`` (weak gaps
+      but consistent pairwise ranks), ``"guess"`` or ``"fallback"``.
   """
   name: str
   dtype: str
@@ -190,15 +196,15 @@ def _parse_rank(rank):
 
 def _parse_ambiguous(policy):
   policy = str(policy).strip().lower()
-  if policy in ("error", "guess", "mean"):
+  if policy in ("consistent", "error", "guess", "mean"):
     return policy
   try:
     r = int(policy)
   except ValueError:
     r = 0
   if r < 1:
-    raise BadInputError("--ambiguous_rank", "must be error, guess, mean or a "
-                        f"positive int, got {policy!r}")
+    raise BadInputError("--ambiguous_rank", "must be consistent, error, "
+                        f"guess, mean or a positive int, got {policy!r}")
   return r
 
 
@@ -337,7 +343,11 @@ def _scan_tensor(name, inputs: Inputs, rank, policy, config) -> Tuple[
       stack, max_rank=min(config.max_rank, min(d, k)), seed=config.seed)
   if not est.ambiguous:
     return checked(est.ranks, "estimated", "estimated rank"), None
-  if policy == "error":
+  if policy == "consistent" and n >= 3 and all(
+      0 < s < min(d, k) and s == est.ranks[i] + est.ranks[j]
+      for (i, j), s in est.pair_ranks.items()):
+    return checked(est.ranks, "consistent", "estimated rank"), None
+  if policy in ("error", "consistent"):
     raise BadInputError(file, f"--rank=auto cannot tell the LoRA rank: "
                         f"{est.reason}; give --rank=N or "
                         f"--ambiguous_rank=guess|mean|N", tensor=name)

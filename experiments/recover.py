@@ -26,9 +26,10 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Output directory.")
 _RANK = flags.DEFINE_string("rank", "auto", "LoRA rank: an int, or 'auto' to "
                             "estimate it per layer and per LoRA.")
 _AMBIGUOUS = flags.DEFINE_string(
-    "ambiguous_rank", "error", "With --rank=auto, what to do when a layer's "
-    "rank cannot be told: error (exit 2), guess, mean (average the layer), "
-    "or an int rank.")
+    "ambiguous_rank", "consistent", "With --rank=auto, what to do when a "
+    "layer's rank estimate is ambiguous: consistent (keep it if the pairwise "
+    "ranks of 3+ models agree with it exactly, else exit 2), error (exit 2), "
+    "guess, mean (average the layer), or an int rank.")
 _STEPS = flags.DEFINE_integer("steps", 300, "Solver steps per layer.")
 _SEED = flags.DEFINE_integer("seed", 0, "Solver seed.")
 _SOLVER = flags.DEFINE_string("solver", "spectral_detuning", "Layer solver, "

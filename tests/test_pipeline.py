@@ -215,3 +215,24 @@ def test_lowra_bench_recovery(tmp_path):
   assert all(l["ranks"] == list(TINY_RANKS) for l in report["layers"])
   got = ModelFiles(tmp_path / "out")
   assert got.names == list(layers)
+
+
+def test_bf16_weak_rank_gaps_are_kept_when_consistent(tmp_path):
+  # bf16 rounding noise weakens the rank gaps: the estimator calls this
+  # layer ambiguous, but every pairwise rank is exactly r_i + r_j.
+  rng = np.random.default_rng(0)
+  W = rng.standard_normal((64, 64)).astype(np.float32) * 0.04
+  models = []
+  for i, r in enumerate((2, 4, 4, 8)):
+    B = rng.standard_normal((64, r)).astype(np.float32)
+    A = rng.standard_normal((r, 64)).astype(np.float32)
+    write_model(tmp_path / f"m{i}", {"w": (W + B @ A * (0.04 / np.sqrt(r)))
+                                     .astype(ml_dtypes.bfloat16)})
+    models.append(str(tmp_path / f"m{i}"))
+  cfg = _config(models, tmp_path / "out")
+  plan = pipeline.scan(pipeline.open_inputs(cfg), cfg)[0]
+  assert plan.ranks == (2, 4, 4, 8) and plan.rank_source == "consistent"
+  strict = _config(models, tmp_path / "out", ambiguous_rank="error")
+  with pytest.raises(BadInputError, match="weak rank gap") as e:
+    pipeline.scan(pipeline.open_inputs(strict), strict)
+  assert e.value.tensor == "w"
