@@ -38,8 +38,12 @@ inputs, scans a strided share of the tensors (results are all-gathered), then
 solves only the layer groups it owns, reading only their tensors. Process 0
 saves into the orbax checkpoint; the others write part files that process 0
 moves into it, then process 0 writes the model and the report; the others wait
-for the report. The output is byte-identical to a one-process run. All
-processes must see the same output directory (a shared filesystem).
+for the report. The output is byte-identical to a one-process run with the
+same number of local devices per process (the batches do not depend on the
+process count; sharding a batch over a different number of devices, or a
+different ``max_memory_gb``, can change the last bits, which is why
+``max_memory_gb`` is part of the run fingerprint). All processes must see the
+same output directory (a shared filesystem).
 """
 
 from __future__ import annotations
