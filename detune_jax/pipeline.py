@@ -146,7 +146,11 @@ class Group(NamedTuple):
 
 
 def matrix_shape(shape: Sequence[int]) -> Tuple[int, int]:
-  """The 2-D matrix a tensor is solved as: ``[d, prod(rest)]``."""
+  """The 2-D matrix a tensor is solved as: ``[d, prod(rest)]``.
+
+  >>> matrix_shape((320, 640, 3, 3))   # a conv kernel
+  (320, 5760)
+  """
   return int(shape[0]), int(math.prod(shape[1:]))
 
 

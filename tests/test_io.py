@@ -283,3 +283,13 @@ def test_progress_roundtrip_and_parts(tmp_path):
   assert not os.listdir(tmp_path / "parts")
   assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoint")) == [3, 5]
   assert p.done() == {3, 5}
+
+
+@pytest.mark.parametrize("name", ["detune_jax.io.errors",
+                                  "detune_jax.io.safetensors_io",
+                                  "detune_jax.pipeline"])
+def test_docstring_examples(name):
+  import doctest
+  import importlib
+  result = doctest.testmod(importlib.import_module(name))
+  assert result.attempted > 0 and result.failed == 0

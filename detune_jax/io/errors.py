@@ -12,6 +12,10 @@ class BadInputError(ValueError):
     file: the file (or directory, or flag) at fault.
     tensor: the tensor name, when one is at fault.
     message: what is wrong.
+
+  >>> str(BadInputError("ft_1/model.safetensors", "non-finite values",
+  ...                   tensor="q.weight"))
+  "ft_1/model.safetensors: tensor 'q.weight': non-finite values"
   """
 
   def __init__(self, file, message: str, tensor: Optional[str] = None):

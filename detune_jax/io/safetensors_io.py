@@ -253,7 +253,14 @@ class SafetensorsWriter:
 
 
 def save_file(tensors: Dict[str, np.ndarray], path, metadata=None):
-  """Writes ``{name: array}`` to ``path`` atomically (any dtype incl. bf16)."""
+  """Writes ``{name: array}`` to ``path`` atomically (any dtype incl. bf16).
+
+  >>> import os, tempfile, ml_dtypes
+  >>> path = os.path.join(tempfile.mkdtemp(), "a.safetensors")
+  >>> save_file({"w": np.ones((2, 3), ml_dtypes.bfloat16)}, path)
+  >>> SafetensorsFile(path).read("w").dtype
+  dtype(bfloat16)
+  """
   specs = [(k, dtype_name(np.asarray(v).dtype), np.shape(v))
            for k, v in tensors.items()]
   w = SafetensorsWriter(path, specs, metadata)
