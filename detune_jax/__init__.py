@@ -12,4 +12,10 @@ from detune_jax.solvers import (Diagnostics, RankEstimate, RankEstimationError,
                                 rank_schedule_init, rank_schedule_step,
                                 spectral_detuning, truncated_svd)
 
+from detune_jax.solvers import (GridDiagnostics, IntersectionDiagnostics,
+                                NotIdentifiableError, bit_exact_fraction,
+                                grid_refine, interval_estimate, round_to_grid,
+                                rounding_interval,
+                                subspace_intersection_detuning)
+
 __version__ = "0.1.0"

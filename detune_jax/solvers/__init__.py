@@ -10,3 +10,9 @@ from detune_jax.solvers.rank_estimation import (RankEstimate,
 from detune_jax.solvers.schedule import (RankSchedule, RankScheduleState,
                                          rank_schedule_init, rank_schedule_step)
 from detune_jax.solvers.spectral_detuning import Diagnostics, spectral_detuning
+from detune_jax.solvers.closed_form import (IntersectionDiagnostics,
+                                            NotIdentifiableError,
+                                            subspace_intersection_detuning)
+from detune_jax.solvers.grid import (GridDiagnostics, bit_exact_fraction,
+                                     grid_refine, interval_estimate,
+                                     round_to_grid, rounding_interval)

@@ -48,3 +48,130 @@ def solve(W_primes, rank, *, solver: str = "spectral_detuning", steps: int = 300
   if solver not in SOLVERS:
     raise ValueError(f"unknown solver {solver!r}; known: {sorted(SOLVERS)}")
   return SOLVERS[solver](W_primes, rank, steps=steps, seed=seed, **options)
+
+
+# --- Few fine-tunes (issue 5): closed form, refinement, automatic choice. ---
+
+from detune_jax.solvers import closed_form as _cf  # noqa: E402
+from detune_jax.solvers import grid as _grid  # noqa: E402
+from detune_jax.solvers.schedule import RankSchedule  # noqa: E402
+
+# Refining a closed-form estimate starts at the end ranks: the paper's
+# scheduler starts at rank 1, whose first M-step would throw the estimate away.
+REFINE_SCHEDULE = RankSchedule(kind="fixed")
+
+# "auto" refines a layer with spectral_detuning when its principal-angle gap
+# (see IntersectionDiagnostics.gap) is below this: nearly shared subspaces.
+AUTO_MIN_GAP = 0.05
+
+
+def _as_diagnostics(diag):
+  """The spectral_detuning Diagnostics fields of any solver's diagnostics."""
+  return Diagnostics(loss=diag.loss, rank=diag.rank, steps=diag.steps,
+                     final_rank=diag.final_rank, final_loss=diag.final_loss)
+
+
+def _dtype_aware(W_primes, W, diag, rank, options, seed):
+  """Grid refinement for low-precision inputs (see :mod:`grid`).
+
+  On when every input is bfloat16/float16 (``dtype_aware=None``), off with
+  ``dtype_aware=False``. ``input_dtype`` names the release dtype when the
+  caller has already upcast ``W_primes``.
+  """
+  flag = options.pop("dtype_aware", None)
+  input_dtype = options.pop("input_dtype", None)
+  grid_steps = options.pop("grid_steps", 100)
+  low = _grid.low_precision_dtype(W_primes)
+  if input_dtype is not None and low is None:
+    low = jnp.dtype(input_dtype)
+    if low not in _grid.LOW_PRECISION_DTYPES:
+      low = None
+    else:
+      W_primes = jnp.asarray(W_primes).astype(low)
+  if flag is False or low is None:
+    if flag and low is None:
+      raise ValueError("dtype_aware=True needs bfloat16/float16 inputs or "
+                       "input_dtype=")
+    return W, diag
+  W, gdiag = _grid.grid_refine(W_primes, W, rank, steps=grid_steps, seed=seed)
+  return W, diag._replace(final_loss=gdiag.loss)
+
+
+def _pop_grid_options(options):
+  return {k: options.pop(k) for k in ("dtype_aware", "input_dtype",
+                                      "grid_steps") if k in options}
+
+
+@register_solver("closed_form")
+def _closed_form(W_primes, rank, *, steps=300, seed=0, **options):
+  """Subspace-intersection closed form (n >= 3), then the grid if low-precision."""
+  del steps
+  grid_opts = _pop_grid_options(options)
+  W, diag = _cf.subspace_intersection_detuning(W_primes, rank, seed=seed,
+                                               **options)
+  return _dtype_aware(W_primes, W, diag, rank, grid_opts, seed)
+
+
+@register_solver("closed_form+refine")
+def _closed_form_refine(W_primes, rank, *, steps=300, seed=0, **options):
+  """Closed form as ``init`` of spectral_detuning, then the grid."""
+  grid_opts = _pop_grid_options(options)
+  cf_opts = {k: options.pop(k) for k in ("oversample", "niter")
+             if k in options}
+  W0, diag0 = _cf.subspace_intersection_detuning(W_primes, rank, seed=seed,
+                                                 **cf_opts)
+  options.setdefault("schedule", REFINE_SCHEDULE)
+  W, diag = spectral_detuning(W_primes, rank, steps, seed=seed, init=W0,
+                              **options)
+  return _dtype_aware(W_primes, W, diag, rank, grid_opts, seed)
+
+
+def _take(x, idx):
+  return jnp.asarray(x)[jnp.asarray(idx)]
+
+
+@register_solver("auto")
+def _auto(W_primes, rank, *, steps=300, seed=0, **options):
+  """Chooses per layer.
+
+  * ``n < 3`` (or ranks too large for the closed form): spectral_detuning.
+  * otherwise the closed form; layers whose principal-angle gap is below
+    :data:`AUTO_MIN_GAP` (nearly shared subspaces: the closed form is then
+    noise-sensitive) are refined by spectral_detuning from the closed form,
+    and the refinement is kept where it lowers the loss of Eq. 3;
+  * low-precision inputs then go through the dtype-aware grid refinement.
+  """
+  grid_opts = _pop_grid_options(options)
+  min_gap = options.pop("min_gap", AUTO_MIN_GAP)
+  W_primes = jnp.asarray(W_primes)
+  n, d, k = W_primes.shape[-3:]
+  ranks = rank if not isinstance(rank, int) else (rank,) * n
+  try:
+    _cf.check_identifiable(n, tuple(int(r) for r in ranks), d, k)
+  except _cf.NotIdentifiableError:
+    W, diag = spectral_detuning(W_primes, rank, steps, seed=seed, **options)
+    return _dtype_aware(W_primes, W, diag, rank, grid_opts, seed)
+  W, cdiag = _cf.subspace_intersection_detuning(W_primes, rank, seed=seed)
+  diag = _as_diagnostics(cdiag)
+  options.setdefault("schedule", REFINE_SCHEDULE)
+  gaps = jnp.min(cdiag.gap, axis=-1)
+  if W_primes.ndim == 3:
+    if float(gaps) < min_gap:
+      Wr, rdiag = spectral_detuning(W_primes, rank, steps, seed=seed, init=W,
+                                    **options)
+      if float(rdiag.final_loss) < float(cdiag.final_loss):
+        W, diag = Wr, rdiag
+  else:
+    bad = [i for i, g in enumerate(gaps.tolist()) if g < min_gap]
+    if bad:
+      Wr, rdiag = spectral_detuning(_take(W_primes, bad), rank, steps,
+                                    seed=seed, init=_take(W, bad), **options)
+      better = rdiag.final_loss < _take(cdiag.final_loss, bad)
+      idx = jnp.asarray(bad)
+      W = W.at[idx].set(jnp.where(better[:, None, None], Wr, W[idx]))
+      # Diagnostics of refined layers: steps and final loss of the refinement.
+      steps_arr = diag.steps.at[idx].set(jnp.where(better, rdiag.steps, 0))
+      loss_arr = diag.final_loss.at[idx].set(
+          jnp.where(better, rdiag.final_loss, diag.final_loss[idx]))
+      diag = diag._replace(steps=steps_arr, final_loss=loss_arr)
+  return _dtype_aware(W_primes, W, diag, rank, grid_opts, seed)

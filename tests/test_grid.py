@@ -1,0 +1,113 @@
+"""Dtype-aware recovery: rounding intervals, grid refinement, bit-exactness."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import detune_jax as dj
+from detune_jax.solvers import grid, registry
+
+
+def bf16_stack(seed, d, k, n, rank, scale=0.02, dtype=jnp.bfloat16):
+  """Base on the ``dtype`` grid and ``round(W + B_i A_i)`` releases."""
+  key = jax.random.key(seed)
+  W = (jax.random.normal(jax.random.fold_in(key, 0), (d, k)) * scale)
+  W = W.astype(dtype)
+  B = jax.random.normal(jax.random.fold_in(key, 1), (n, d, rank)) * scale
+  A = jax.random.normal(jax.random.fold_in(key, 2), (n, rank, k)) * scale
+  return W, (W.astype(jnp.float32)[None] + B @ A).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_rounding_interval_contains_exactly_what_rounds_there(dtype):
+  x = np.concatenate([np.random.default_rng(0).normal(size=2000) * s
+                      for s in (1e-3, 0.02, 3.0)]).astype(np.float32)
+  x = np.concatenate([x, [0.0, -0.0, 1.0, -1.0, 2.0 ** -10]]).astype(np.float32)
+  g = jnp.asarray(x).astype(dtype)
+  lo, hi = grid.rounding_interval(g)
+  lo, hi, gf = np.asarray(lo), np.asarray(hi), np.asarray(g.astype(jnp.float32))
+  # Around zero the interval is subnormal in float32 and XLA:CPU flushes it.
+  assert (lo <= gf).all() and (gf <= hi).all()
+  nz = gf != 0
+  assert (lo[nz] < gf[nz]).all() and (gf[nz] < hi[nz]).all()
+  lo, hi, gf = lo[nz], hi[nz], gf[nz]
+  np_dtype = ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else np.float16
+  inside_lo = np.nextafter(lo, np.float32(np.inf))
+  inside_hi = np.nextafter(hi, np.float32(-np.inf))
+  np.testing.assert_array_equal(inside_lo.astype(np_dtype).astype(np.float32), gf)
+  np.testing.assert_array_equal(inside_hi.astype(np_dtype).astype(np.float32), gf)
+  outside_lo = np.nextafter(lo, np.float32(-np.inf))
+  assert (outside_lo.astype(np_dtype).astype(np.float32) != gf).all()
+
+
+def test_rounding_interval_rejects_float32():
+  with pytest.raises(ValueError, match="bfloat16 or float16"):
+    grid.rounding_interval(jnp.zeros(3))
+
+
+def test_interval_estimate_with_exact_updates_is_nearly_bit_exact():
+  key = jax.random.key(0)
+  W = (jax.random.normal(key, (64, 48)) * 0.02).astype(jnp.bfloat16)
+  M = jax.random.normal(jax.random.fold_in(key, 1), (3, 64, 48)) * 1e-3
+  W_primes = (W.astype(jnp.float32)[None] + M).astype(jnp.bfloat16)
+  W_est, consistent = grid.interval_estimate(W_primes, M)
+  assert W_est.dtype == jnp.bfloat16
+  assert float(dj.bit_exact_fraction(W_est, W)) >= 0.98
+  assert float(jnp.mean(consistent)) >= 0.98
+
+
+def test_grid_refine_beats_plain_rounding():
+  W, W_primes = bf16_stack(0, 96, 80, n=3, rank=4)
+  W_cf, _ = dj.subspace_intersection_detuning(W_primes, 4)
+  rounded = float(dj.bit_exact_fraction(W_cf, W))
+  W_g, diag = dj.grid_refine(W_primes, W_cf, 4, steps=60)
+  refined = float(dj.bit_exact_fraction(W_g, W))
+  assert W_g.dtype == jnp.float32
+  # On the grid: casting to bf16 and back changes nothing.
+  np.testing.assert_array_equal(
+      np.asarray(W_g.astype(jnp.bfloat16).astype(jnp.float32)),
+      np.asarray(W_g))
+  assert refined >= rounded + 0.01, (rounded, refined)
+  assert refined >= 0.9
+  assert float(dj.w_error(W_g, W)) < float(dj.w_error(W_cf, W)) - 0.5
+  assert 0.5 <= float(diag.consistent_fraction) <= 1.0
+
+
+def test_grid_refine_batched_under_vmap():
+  pairs = [bf16_stack(s, 48, 40, n=3, rank=3) for s in range(2)]
+  W = jnp.stack([p[0] for p in pairs])
+  W_primes = jnp.stack([p[1] for p in pairs])
+  W0 = dj.mean_lora(W_primes)
+  W_b, diag = dj.grid_refine(W_primes, W0, 3, steps=10)
+  assert W_b.shape == (2, 48, 40) and diag.consistent_fraction.shape == (2,)
+  W_0, _ = dj.grid_refine(W_primes[0], W0[0], 3, steps=10)
+  np.testing.assert_array_equal(np.asarray(W_b[0]), np.asarray(W_0))
+
+
+def test_grid_refine_needs_low_precision():
+  _, W_primes = bf16_stack(0, 16, 16, n=3, rank=2)
+  with pytest.raises(ValueError, match="bfloat16 or float16"):
+    dj.grid_refine(W_primes.astype(jnp.float32), jnp.zeros((16, 16)), 2)
+
+
+def test_registry_is_dtype_aware_by_default_and_can_be_turned_off():
+  W, W_primes = bf16_stack(1, 64, 48, n=3, rank=4)
+  on, _ = registry.solve(W_primes, 4, solver="closed_form")
+  off, _ = registry.solve(W_primes, 4, solver="closed_form", dtype_aware=False)
+  up, _ = registry.solve(W_primes.astype(jnp.float32), 4, solver="closed_form",
+                         input_dtype="bfloat16")
+  assert float(dj.bit_exact_fraction(on, W)) > float(
+      dj.bit_exact_fraction(off, W))
+  np.testing.assert_array_equal(np.asarray(on), np.asarray(up))
+  with pytest.raises(ValueError, match="dtype_aware=True"):
+    registry.solve(W_primes.astype(jnp.float32), 4, solver="closed_form",
+                   dtype_aware=True)
+
+
+def test_bit_exact_fraction():
+  a = jnp.asarray([1.0, 2.0, 3.0, 4.0], jnp.bfloat16)
+  b = jnp.asarray([1.0, 2.0, 3.001, 5.0], jnp.float32)
+  assert float(dj.bit_exact_fraction(b, a)) == 0.75
+  assert float(dj.round_to_grid(jnp.float32(3.001), jnp.bfloat16)) == 3.0
