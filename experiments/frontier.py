@@ -1,0 +1,185 @@
+r"""The minimum-n frontier: W-Error against the number of fine-tunes.
+
+For n = 2..8 fine-tunes, compares Mean-LoRA, the paper's algorithm
+(spectral_detuning, 300 steps), the closed form (subspace intersection,
+n >= 3), the closed form refined by spectral_detuning, and the default
+``auto`` solver (dtype-aware for low-precision releases), on
+
+* ``gaussian``: synthetic Gaussian LoRAs (float32);
+* ``correlated``: synthetic LoRAs whose factors share directions;
+* ``gaussian_bf16``: synthetic Gaussian LoRAs released in bfloat16;
+* ``minilm`` / ``minilm_bf16``: real LoRA fine-tunes of all-MiniLM-L6-v2
+  (``experiments.build_minilm_finetunes``), merged in float32 or released in
+  bfloat16.
+
+Usage:
+
+  python -m experiments.frontier --out=docs/results/frontier \
+      --scenarios=gaussian,correlated,gaussian_bf16,minilm,minilm_bf16
+
+Writes ``frontier.json``, ``frontier.md`` (the tables of docs/results.md) and
+one plot per scenario.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+
+from absl import app, flags
+import jax.numpy as jnp
+import numpy as np
+
+import detune_jax as dj
+from detune_jax.solvers import registry
+from experiments import stacks
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", "docs/results/frontier", "Output directory.")
+flags.DEFINE_list("scenarios", ["gaussian", "correlated", "gaussian_bf16",
+                                "minilm", "minilm_bf16"], "Scenarios to run.")
+flags.DEFINE_list("ns", ["2", "3", "4", "5", "6", "8"], "Numbers of fine-tunes.")
+flags.DEFINE_integer("dim", 384, "Synthetic layer size (dim x dim).")
+flags.DEFINE_integer("rank", 16, "LoRA rank.")
+flags.DEFINE_integer("layers", 2, "Synthetic layers (seeds) per scenario.")
+flags.DEFINE_float("shared", 0.8, "Shared fraction of the correlated LoRAs.")
+flags.DEFINE_integer("steps", 300, "Steps of the iterative methods.")
+flags.DEFINE_string("minilm_dir", os.path.join("~", ".cache", "detune_jax",
+                                              "minilm_finetunes"),
+                    "Output of experiments.build_minilm_finetunes.")
+
+METHODS = ("mean_lora", "spectral_detuning", "closed_form",
+           "closed_form+refine", "auto")
+
+
+def scenario_stack(name: str, n: int, *, dim: int, rank: int, layers: int,
+                   shared: float, minilm_dir: str):
+  """``(W_true [L, d, k], W_primes [L, n, d, k])`` of a scenario."""
+  if name.startswith("minilm"):
+    root = os.path.expanduser(minilm_dir)
+    models = sorted(glob.glob(os.path.join(root, "ft*")))
+    if len(models) < n:
+      raise FileNotFoundError(
+          f"{len(models)} fine-tunes in {root}, need {n}: run "
+          "python -m experiments.build_minilm_finetunes")
+    dtype = "bfloat16" if name.endswith("bf16") else "float32"
+    groups = stacks.real_stacks(os.path.join(root, "base"), models[:n],
+                                dtype=dtype)
+    if len(groups) != 1:
+      raise ValueError(f"expected one layer shape, got {list(groups)}")
+    (_, W, Wp), = groups.values()
+    return W, Wp
+  dtype = "bfloat16" if name.endswith("bf16") else "float32"
+  sh = shared if name.startswith("correlated") else 0.0
+  pairs = [stacks.synthetic_stack(seed, dim, dim, n, rank, shared=sh,
+                                  dtype=dtype) for seed in range(layers)]
+  return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+def run_method(method: str, W_primes, rank: int, steps: int):
+  """``(W, seconds)`` or ``(None, reason)`` when the method does not apply."""
+  low = stacks.NP_DTYPES["bfloat16"] == W_primes.dtype
+  opts = {}
+  if method in ("closed_form", "closed_form+refine") and low:
+    opts["dtype_aware"] = False  # the raw methods; "auto" is dtype-aware
+  if method in ("closed_form", "closed_form+refine") and W_primes.shape[-3] < 3:
+    return None, "n < 3"
+  Wp = jnp.asarray(W_primes)
+  t0 = time.perf_counter()
+  W, _ = registry.solve(Wp, rank, solver=method, steps=steps, **opts)
+  W = np.asarray(W)
+  return W, time.perf_counter() - t0
+
+
+def evaluate(W, W_true):
+  out = {"w_error": float(dj.w_error(jnp.asarray(W), jnp.asarray(
+      W_true, jnp.float32)))}
+  if W_true.dtype != np.float32:
+    out["bit_exact"] = float(dj.bit_exact_fraction(jnp.asarray(W),
+                                                   jnp.asarray(W_true)))
+  return out
+
+
+def run_scenario(name: str, ns, *, dim: int, rank: int, layers: int,
+                 shared: float, steps: int, minilm_dir: str, log=print):
+  """Rows ``{scenario, n, method, w_error, [bit_exact], seconds}``."""
+  rows = []
+  for n in ns:
+    W_true, W_primes = scenario_stack(name, n, dim=dim, rank=rank,
+                                      layers=layers, shared=shared,
+                                      minilm_dir=minilm_dir)
+    for method in METHODS:
+      W, secs = run_method(method, W_primes, rank, steps)
+      if W is None:
+        continue
+      row = dict(scenario=name, n=n, method=method, seconds=secs,
+                 **evaluate(W, W_true))
+      log(json.dumps(row))
+      rows.append(row)
+  return rows
+
+
+def markdown(rows, scenario: str) -> str:
+  """A table ``method x n`` of W-Error (and bit-exact %) for one scenario."""
+  rows = [r for r in rows if r["scenario"] == scenario]
+  ns = sorted({r["n"] for r in rows})
+  lines = ["| method | " + " | ".join(f"n={n}" for n in ns) + " |",
+           "|---|" + "---|" * len(ns)]
+  for method in METHODS:
+    cells = []
+    for n in ns:
+      hit = [r for r in rows if r["n"] == n and r["method"] == method]
+      if not hit:
+        cells.append("—")
+        continue
+      cell = f"{hit[0]['w_error']:.2f}"
+      if "bit_exact" in hit[0]:
+        cell += f" ({100 * hit[0]['bit_exact']:.1f}%)"
+      cells.append(cell)
+    lines.append(f"| {method} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot(rows, scenario: str, path: str):
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for method in METHODS:
+    pts = sorted((r["n"], r["w_error"]) for r in rows
+                 if r["scenario"] == scenario and r["method"] == method)
+    if pts:
+      ax.plot(*zip(*pts), marker="o", label=method)
+  ax.set_xlabel("number of fine-tunes n")
+  ax.set_ylabel("W-Error (log10 MSE)")
+  ax.set_title(scenario)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  os.makedirs(FLAGS.out, exist_ok=True)
+  ns = [int(n) for n in FLAGS.ns]
+  rows = []
+  path = os.path.join(FLAGS.out, "frontier.json")
+  for name in FLAGS.scenarios:
+    rows += run_scenario(name, ns, dim=FLAGS.dim, rank=FLAGS.rank,
+                         layers=FLAGS.layers, shared=FLAGS.shared,
+                         steps=FLAGS.steps, minilm_dir=FLAGS.minilm_dir)
+    with open(path, "w") as f:
+      json.dump(rows, f, indent=1)
+    plot(rows, name, os.path.join(FLAGS.out, f"frontier_{name}.png"))
+  with open(os.path.join(FLAGS.out, "frontier.md"), "w") as f:
+    for name in FLAGS.scenarios:
+      f.write(f"### {name}\n\n{markdown(rows, name)}\n\n")
+  print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+  app.run(main)
