@@ -52,16 +52,20 @@ MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "vocab.txt")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("output_dir", DEFAULT_DIR, "Where the models go.")
-flags.DEFINE_integer("num_finetunes", 9, "Number of fine-tunes (tasks cycle).")
-flags.DEFINE_integer("rank", 16, "LoRA rank.")
-flags.DEFINE_integer("alpha", 32, "LoRA alpha (scale alpha / rank).")
-flags.DEFINE_integer("steps", 120, "Optimiser steps per fine-tune.")
-flags.DEFINE_integer("batch_size", 16, "Batch size.")
-flags.DEFINE_integer("max_len", 32, "Maximum tokens per example.")
-flags.DEFINE_integer("subset", 1500, "Training examples per fine-tune.")
-flags.DEFINE_float("lr", 1e-3, "AdamW learning rate.")
-flags.DEFINE_integer("threads", 1, "torch CPU threads.")
+
+
+def define_flags():
+  """Flags of the binary (defined on run, so that imports never clash)."""
+  flags.DEFINE_string("output_dir", DEFAULT_DIR, "Where the models go.")
+  flags.DEFINE_integer("num_finetunes", 9, "Number of fine-tunes (tasks cycle).")
+  flags.DEFINE_integer("rank", 16, "LoRA rank.")
+  flags.DEFINE_integer("alpha", 32, "LoRA alpha (scale alpha / rank).")
+  flags.DEFINE_integer("steps", 120, "Optimiser steps per fine-tune.")
+  flags.DEFINE_integer("batch_size", 16, "Batch size.")
+  flags.DEFINE_integer("max_len", 32, "Maximum tokens per example.")
+  flags.DEFINE_integer("subset", 1500, "Training examples per fine-tune.")
+  flags.DEFINE_float("lr", 1e-3, "AdamW learning rate.")
+  flags.DEFINE_integer("threads", 1, "torch CPU threads.")
 
 
 def minilm_dir() -> str:
@@ -256,4 +260,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

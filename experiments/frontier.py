@@ -37,18 +37,25 @@ from detune_jax.solvers import registry
 from experiments import stacks
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", "docs/results/frontier", "Output directory.")
-flags.DEFINE_list("scenarios", ["gaussian", "correlated", "gaussian_bf16",
-                                "minilm", "minilm_bf16"], "Scenarios to run.")
-flags.DEFINE_list("ns", ["2", "3", "4", "5", "6", "8"], "Numbers of fine-tunes.")
-flags.DEFINE_integer("dim", 384, "Synthetic layer size (dim x dim).")
-flags.DEFINE_integer("rank", 16, "LoRA rank.")
-flags.DEFINE_integer("layers", 2, "Synthetic layers (seeds) per scenario.")
-flags.DEFINE_float("shared", 0.8, "Shared fraction of the correlated LoRAs.")
-flags.DEFINE_integer("steps", 300, "Steps of the iterative methods.")
-flags.DEFINE_string("minilm_dir", os.path.join("~", ".cache", "detune_jax",
-                                              "minilm_finetunes"),
-                    "Output of experiments.build_minilm_finetunes.")
+
+
+def define_flags():
+  """Flags of the binary (defined on run, so that imports never clash)."""
+  flags.DEFINE_string("out", "docs/results/frontier", "Output directory.")
+  flags.DEFINE_list("scenarios", ["gaussian", "correlated", "gaussian_bf16",
+                                  "minilm", "minilm_bf16"], "Scenarios to run.")
+  flags.DEFINE_list("ns", ["2", "3", "4", "5", "6", "8"], "Numbers of fine-tunes.")
+  flags.DEFINE_bool("tables_only", False, "Only re-render frontier.md and "
+                    "the plots from an existing OUT/frontier.json.")
+  flags.DEFINE_integer("dim", 384, "Synthetic layer size (dim x dim).")
+  flags.DEFINE_integer("rank", 16, "LoRA rank.")
+  flags.DEFINE_integer("layers", 2, "Synthetic layers (seeds) per scenario.")
+  flags.DEFINE_float("shared", 0.8, "Shared fraction of the correlated LoRAs.")
+  flags.DEFINE_integer("steps", 300, "Steps of the iterative methods.")
+  flags.DEFINE_string("minilm_dir", os.path.join("~", ".cache", "detune_jax",
+                                                "minilm_finetunes"),
+                      "Output of experiments.build_minilm_finetunes.")
+
 
 METHODS = ("mean_lora", "spectral_detuning", "closed_form",
            "closed_form+refine", "auto")
@@ -168,6 +175,17 @@ def main(argv):
   ns = [int(n) for n in FLAGS.ns]
   rows = []
   path = os.path.join(FLAGS.out, "frontier.json")
+  if FLAGS.tables_only:
+    with open(path) as f:
+      rows = json.load(f)
+    names = sorted({r["scenario"] for r in rows})
+    for name in names:
+      plot(rows, name, os.path.join(FLAGS.out, f"frontier_{name}.png"))
+    with open(os.path.join(FLAGS.out, "frontier.md"), "w") as f:
+      for name in names:
+        f.write(f"### {name}\n\n{markdown(rows, name)}\n\n")
+    print(f"wrote {FLAGS.out}/frontier.md")
+    return
   for name in FLAGS.scenarios:
     rows += run_scenario(name, ns, dim=FLAGS.dim, rank=FLAGS.rank,
                          layers=FLAGS.layers, shared=FLAGS.shared,
@@ -182,4 +200,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

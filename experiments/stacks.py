@@ -108,7 +108,8 @@ def real_stacks(base: str, models: Sequence[str],
     base: the ground-truth base model.
     models: the fine-tuned models.
     names: tensors to use (default: those that differ among ``models``).
-    dtype: ``"float32"`` (as stored) or a release dtype to cast to.
+    dtype: ``"stored"`` (the files' dtype), ``"float32"``, or a release
+      dtype (``"bfloat16"``: base and fine-tunes rounded as a bf16 release).
 
   Returns:
     ``{shape: (names, W_true [L, d, k], W_primes [L, n, d, k])}``.
@@ -122,6 +123,11 @@ def real_stacks(base: str, models: Sequence[str],
     groups.setdefault(tuple(true[name].shape), []).append(name)
   out = {}
   for shape, group in groups.items():
+    if dtype == "stored":  # as the files hold them (e.g. a bf16 release)
+      out[shape] = (group, np.stack([true[nm] for nm in group]),
+                    np.stack([np.stack([ft[nm] for ft in fts])
+                              for nm in group]))
+      continue
     W = np.stack([true[nm].astype(np.float32) for nm in group])
     Wp = np.stack([np.stack([ft[nm].astype(np.float32) for ft in fts])
                    for nm in group])

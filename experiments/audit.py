@@ -1,0 +1,218 @@
+r"""A defender's audit: how many of these fine-tunes can I publish?
+
+A publisher who holds the base model and plans to release LoRA fine-tunes of
+it asks how well an attacker recovers the base from every number of released
+models. For n = 2..N (the first n models, in the given order, or several
+random subsets of size n), every fine-tuned layer is recovered with each
+solver (Mean-LoRA, Spectral DeTuning, the closed form, ``auto``), scored
+against the true base, and the best solver per layer counts (the attacker
+may use any of them). The base *leaks* at the smallest n whose overall W-Error
+is at or below the threshold.
+
+Usage:
+
+  python -m experiments.audit --base=BASE_DIR --models=A,B,C,D \
+      --out=/tmp/audit [--threshold=-10] [--rank=16] [--subsets=1]
+
+Writes ``audit.json`` (per n, per layer and per solver), ``audit.png`` and
+prints a table. Inputs are read as stored (a bf16 release is solved as bf16,
+with the dtype-aware refinement).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+
+from absl import app, flags
+import jax.numpy as jnp
+import numpy as np
+
+import detune_jax as dj
+from detune_jax.solvers import registry
+from experiments import stacks
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Flags of the binary (defined on run, so that imports never clash)."""
+  flags.DEFINE_string("base", None, "The base model (HF dir or .safetensors).")
+  flags.DEFINE_list("models", None, "The fine-tunes to be released, in order.")
+  flags.DEFINE_string("out", None, "Output directory (default: no files).")
+  flags.DEFINE_float("threshold", None, "Leak threshold on the W-Error; "
+                     "default: 3 decades below the released models' own "
+                     "W-Error (LoRA-FT), i.e. 1000x closer to the base.")
+  flags.DEFINE_integer("rank", 16, "LoRA rank the attacker assumes.")
+  flags.DEFINE_integer("steps", 300, "Steps of the iterative solvers.")
+  flags.DEFINE_integer("subsets", 1, "Subsets of each size n (1: the first n).")
+  flags.DEFINE_list("solvers", ["mean_lora", "spectral_detuning", "closed_form",
+                                "auto"], "Solvers the attacker may use.")
+  flags.DEFINE_integer("seed", 0, "Seed of the subsets and solvers.")
+
+
+DEFAULT_MARGIN = 3.0
+
+
+def _subsets(num_models: int, n: int, count: int, seed: int):
+  if count <= 1:
+    return [tuple(range(n))]
+  rng = random.Random(seed * 1000 + n)
+  seen = {tuple(range(n))}
+  for _ in range(20 * count):
+    if len(seen) >= count:
+      break
+    seen.add(tuple(sorted(rng.sample(range(num_models), n))))
+  return sorted(seen)
+
+
+def audit(base: str, models, *, rank: int = 16, steps: int = 300,
+          subsets: int = 1, solvers=("mean_lora", "spectral_detuning",
+                                     "closed_form", "auto"),
+          threshold=None, seed: int = 0, log=print):
+  """Recovery of ``base`` from every number of the ``models``.
+
+  Args:
+    base: path of the base model.
+    models: paths of the fine-tunes, in release order.
+    rank: LoRA rank the attacker assumes.
+    steps: iterations of the iterative solvers.
+    subsets: subsets per n (1: the first n models).
+    solvers: registry names the attacker may use.
+    threshold: W-Error at or below which the base counts as leaked; default
+      :data:`DEFAULT_MARGIN` decades below the released models' own W-Error.
+    seed: seed of subsets and solvers.
+    log: progress printer.
+
+  Returns:
+    A dict: ``layers`` (names), ``lora_ft`` (released models' W-Error),
+    ``threshold``, ``per_n`` (a list of ``{n, subset, overall, per_layer,
+    per_solver, best_solver, seconds}``), ``leak_n`` (smallest n at or below
+    the threshold, or None) and ``layer_leak_n``.
+  """
+  models = list(models)
+  if len(models) < 2:
+    raise ValueError("the audit needs at least 2 models")
+  names = stacks.finetuned_names(models)
+  if not names:
+    raise ValueError("the models do not differ: no fine-tuned layers")
+  groups = stacks.real_stacks(base, models, names, dtype="stored")
+  layer_names = [nm for g in groups.values() for nm in g[0]]
+  W_true = {}
+  lora_ft = []
+  for group, W, Wp in groups.values():
+    for l, nm in enumerate(group):
+      W_true[nm] = W[l]
+      lora_ft.append(float(dj.lora_ft_w_error(jnp.asarray(Wp[l], jnp.float32),
+                                              jnp.asarray(W[l], jnp.float32))))
+  lora_ft_mean = float(np.mean(lora_ft))
+  if threshold is None:
+    threshold = lora_ft_mean - DEFAULT_MARGIN
+  per_n = []
+  for n in range(2, len(models) + 1):
+    for subset in _subsets(len(models), n, subsets, seed):
+      t0 = time.perf_counter()
+      errs = {}
+      for solver in solvers:
+        errs[solver] = {}
+        for group, W, Wp in groups.values():
+          try:
+            Wr, _ = registry.solve(jnp.asarray(Wp[:, list(subset)]), rank,
+                                   solver=solver, steps=steps, seed=seed)
+          except ValueError as e:  # e.g. the closed form at n = 2
+            log(f"n={n} {solver}: skipped ({str(e).split(':')[0]})")
+            errs.pop(solver)
+            break
+          e_l = dj.layer_w_errors(Wr, jnp.asarray(W, jnp.float32))
+          errs[solver].update(zip(group, [float(x) for x in e_l]))
+      per_layer = {nm: min(errs[s][nm] for s in errs) for nm in layer_names}
+      best = {nm: min(errs, key=lambda s, nm=nm: errs[s][nm])
+              for nm in layer_names}
+      row = dict(n=n, subset=list(subset),
+                 overall=float(np.mean(list(per_layer.values()))),
+                 per_layer=per_layer, best_solver=best,
+                 per_solver={s: float(np.mean(list(v.values())))
+                             for s, v in errs.items()},
+                 seconds=time.perf_counter() - t0)
+      log(f"n={n} subset={list(subset)} overall={row['overall']:.2f} " +
+          " ".join(f"{s}={v:.2f}" for s, v in row["per_solver"].items()))
+      per_n.append(row)
+  worst = {}
+  for row in per_n:  # over subsets of one size, the worst case for the defender
+    worst[row["n"]] = min(worst.get(row["n"], np.inf), row["overall"])
+  leak_n = next((n for n in sorted(worst) if worst[n] <= threshold), None)
+  layer_leak_n = {}
+  for nm in layer_names:
+    layer_leak_n[nm] = next((row["n"] for row in sorted(per_n,
+                                                        key=lambda r: r["n"])
+                             if row["per_layer"][nm] <= threshold), None)
+  return dict(layers=layer_names, lora_ft=lora_ft_mean, threshold=threshold,
+              per_n=per_n, leak_n=leak_n, layer_leak_n=layer_leak_n,
+              models=models, base=base)
+
+
+def table(result) -> str:
+  """Markdown table: n, overall best W-Error, per solver, leaked?"""
+  solvers = sorted({s for r in result["per_n"] for s in r["per_solver"]})
+  lines = ["| n | subset | best W-Error | " + " | ".join(solvers) +
+           " | leaked |", "|---|---|---|" + "---|" * len(solvers) + "---|"]
+  for r in result["per_n"]:
+    cells = [f"{r['per_solver'][s]:.2f}" if s in r["per_solver"] else "—"
+             for s in solvers]
+    leaked = "yes" if r["overall"] <= result["threshold"] else "no"
+    lines.append(f"| {r['n']} | {r['subset']} | {r['overall']:.2f} | " +
+                 " | ".join(cells) + f" | {leaked} |")
+  return "\n".join(lines)
+
+
+def plot(result, path: str):
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  rows = result["per_n"]
+  for nm in result["layers"]:
+    pts = sorted((r["n"], r["per_layer"][nm]) for r in rows)
+    ax.plot(*zip(*pts), color="0.75", lw=0.7)
+  pts = sorted((r["n"], r["overall"]) for r in rows)
+  ax.plot(*zip(*pts), "o-", color="C3", lw=2, label="best solver (mean)")
+  ax.axhline(result["threshold"], ls="--", color="k", lw=1,
+             label=f"leak threshold {result['threshold']:.1f}")
+  ax.axhline(result["lora_ft"], ls=":", color="C0", lw=1,
+             label=f"released models {result['lora_ft']:.1f}")
+  ax.set_xlabel("number of released fine-tunes n")
+  ax.set_ylabel("W-Error of the recovered base")
+  ax.set_title("how well the base leaks (grey: layers)")
+  ax.legend(fontsize=7)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  if not FLAGS.base or not FLAGS.models:
+    raise app.UsageError("--base and --models are required")
+  result = audit(FLAGS.base, FLAGS.models, rank=FLAGS.rank, steps=FLAGS.steps,
+                 subsets=FLAGS.subsets, solvers=FLAGS.solvers,
+                 threshold=FLAGS.threshold, seed=FLAGS.seed)
+  print(table(result))
+  leak = result["leak_n"]
+  print(f"released models' own W-Error (LoRA-FT): {result['lora_ft']:.2f}; "
+        f"threshold {result['threshold']:.2f}")
+  print("the base leaks from n = " + str(leak) if leak else
+        f"the base does not leak with up to {len(FLAGS.models)} models")
+  if FLAGS.out:
+    os.makedirs(FLAGS.out, exist_ok=True)
+    with open(os.path.join(FLAGS.out, "audit.json"), "w") as f:
+      json.dump(result, f, indent=1)
+    plot(result, os.path.join(FLAGS.out, "audit.png"))
+    print(f"wrote {FLAGS.out}/audit.json and audit.png")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
