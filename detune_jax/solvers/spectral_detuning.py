@@ -112,8 +112,8 @@ def _lowrank_apply_t(P, V, Q):
   return jnp.einsum("ijpq,jkq->ipk", G, V) / P.shape[0]
 
 
-def _solve_layer(D, W_bar, key, init, W_true, *, ranks, steps, schedule, svd,
-                 tol, niter, oversample, exact_loss):
+def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
+                 svd, tol, niter, oversample, exact_loss, refine):
   """Spectral DeTuning for one layer given ``D = W'_i - W_bar`` (traceable).
 
   The state is factored: ``M_i = P_i V_i^T`` (``P_i = U_i diag(S_i)``, rank
@@ -125,10 +125,15 @@ def _solve_layer(D, W_bar, key, init, W_true, *, ranks, steps, schedule, svd,
   """
   n, d, k = D.shape
   r_end = max(ranks)
-  q = r_end if svd == "exact" else min(r_end + oversample, d, k)
+  levels = rank_levels(schedule, r_end)
+
+  def width(level):
+    """Columns of the factors while the scheduler's rank is ``level``."""
+    return level if svd == "exact" else min(level + oversample, d, k)
+
+  q = width(r_end)
   ranks_arr = jnp.asarray(ranks, jnp.int32)
   exact_loss = exact_loss or svd != "subspace" or tol is not None
-  cols = jnp.arange(q)
   # sum_i ||D_i||^2, summed per slice (no reduction over the stacked axis).
   sum_d2 = stack_sum(jnp.sum(D * D, axis=(1, 2)))
   scale = 1.0 / (n * d * k)
@@ -152,12 +157,13 @@ def _solve_layer(D, W_bar, key, init, W_true, *, ranks, steps, schedule, svd,
 
   def m_step(state, V, t):
     """Returns ``(U [n,d,q], S [n,q], V [n,k,q], <D_i, U_i S_i V_i^T>-helper)``."""
+    qw = V.shape[-1]
     if svd == "subspace":
       Y = jnp.einsum("ndk,nkq->ndq", D, V) + apply_e(state, V)
       Q = jax.vmap(lowrank.orthonormalize)(Y)
       B_d = jnp.einsum("ndq,ndk->nqk", Q, D)                     # Q_i^T D_i
       u, S, V_new = jax.vmap(lowrank.svd_rows, in_axes=(0, None))(
-          B_d + apply_e_t(state, Q), omega)
+          B_d + apply_e_t(state, Q), omega[:, :qw])
       U = jnp.einsum("ndq,nqp->ndp", Q, u)
       # diag(U_i^T D_i V_i), for <D_i, M_i> of the loss from norms.
       DV = jnp.einsum("nqp,nqk,nkp->np", u, B_d, V_new)
@@ -165,9 +171,10 @@ def _solve_layer(D, W_bar, key, init, W_true, *, ranks, steps, schedule, svd,
     R = D + dense_e(state)[None]
     if svd == "randomized":
       kt = jax.random.fold_in(key, t)
-      U, S, V_new = jax.vmap(lambda a: lowrank.svd_randomized(a, q, kt, niter))(R)
+      U, S, V_new = jax.vmap(
+          lambda a: lowrank.svd_randomized(a, qw, kt, niter))(R)
     else:
-      U, S, V_new = jax.vmap(lambda a: lowrank.svd_exact(a, q))(R)
+      U, S, V_new = jax.vmap(lambda a: lowrank.svd_exact(a, qw))(R)
     return U, S, V_new, None
 
   def loss_of(P, V, S_m, DV, E):
@@ -192,22 +199,25 @@ def _solve_layer(D, W_bar, key, init, W_true, *, ranks, steps, schedule, svd,
   def step(t, state, V, sched):
     cur = jnp.minimum(sched.rank, ranks_arr)                      # [n]
     U, S, V_new, DV = m_step(state, V, t)
+    cols = jnp.arange(V_new.shape[-1])
     S_m = jnp.where(cols[None, :] < cur[:, None], S, 0.0)
     P = U * S_m[:, None, :]
     E = dense_e((P, V_new)) if (exact_loss or W_true is not None) else None
     loss = loss_of(P, V_new, S_m, DV, E)
     w_err = None
     if W_true is not None:
-      w_err = _log10_mse(W_bar - E + mean_d, W_true)
+      w_err = _log10_mse(_compose(W_bar, mean_d, E), W_true)
     return cur, (P, V_new), loss, w_err
 
   mean_d = stack_mean(D)
 
   # Starting right subspace: a randomized range finder (niter power
   # iterations) on the residuals of the initial W. One Gaussian sketch for
-  # every LoRA keeps the result independent of their order.
+  # every LoRA keeps the result independent of their order; its later
+  # columns widen the subspace when the working rank grows.
   omega = jnp.linalg.qr(jax.random.normal(key, (k, q), jnp.float32))[0]
-  V = jnp.broadcast_to(omega, (n, k, q))
+  q0 = width(levels[0])
+  V = jnp.broadcast_to(omega[:, :q0], (n, k, q0))
   if svd == "subspace":
     for _ in range(niter + 1):
       Y = jnp.einsum("ndk,nkq->ndq", D, V) + apply_e(None, V)
@@ -239,25 +249,153 @@ def _solve_layer(D, W_bar, key, init, W_true, *, ranks, steps, schedule, svd,
     return (t + 1, fac_new, sched, loss_tr.at[t].set(loss),
             rank_tr.at[t].set(cur), werr_tr, loss, done)
 
-  def cond(c):
-    return (c[0] < steps) & ~c[-1]
+  # One while_loop per level of the scheduler's rank, each with factors of
+  # that level's (static) width: the products with the stack cost what the
+  # working rank needs, not the end rank. A level's loop runs while the
+  # scheduler stays at it; the last one runs to the end whatever the rank.
+  # Under vmap each layer keeps its own trajectory (layers at another level
+  # are frozen by the batched loop), so batches equal per-layer calls.
+  c = (jnp.asarray(1, jnp.int32), fac0, sched1, loss_tr, rank_tr, werr_tr,
+       loss0, jnp.asarray(False))
+  for j, level in enumerate(levels):
+    last_level = j == len(levels) - 1
+    if j > 0:
+      P, V = c[1]
+      qa, qb = P.shape[-1], width(level)
+      if qb > qa:
+        P = jnp.concatenate([P, jnp.zeros((n, d, qb - qa), P.dtype)], -1)
+        V = jnp.concatenate(
+            [V, jnp.broadcast_to(omega[:, qa:qb], (n, k, qb - qa))], -1)
+      c = c[:1] + ((P, V),) + c[2:]
 
-  init_c = (jnp.asarray(1, jnp.int32), fac0, sched1, loss_tr, rank_tr,
-            werr_tr, loss0, jnp.asarray(False))
-  t, (P, V), _, loss_tr, rank_tr, werr_tr, loss, _ = jax.lax.while_loop(
-      cond, body, init_c)
+    def cond(c, level=level, last_level=last_level):
+      go = (c[0] < stop) & ~c[-1]
+      return go if last_level else go & (c[2].rank == level)
+
+    c = jax.lax.while_loop(cond, body, c)
+  t, (P, V), _, loss_tr, rank_tr, werr_tr, loss, _ = c
   E = dense_e((P, V))
-  W = W_bar - E + mean_d
+  E, res2 = _refine(D, E, P, V, refine)
+  W = _compose(W_bar, mean_d, E)
   last = t - 1
   if not exact_loss:
     # The trace's values below ~1e-7 of sum_i ||D_i||^2 / (n d k) are float32
-    # noise of the norm formula; the final loss is computed on the residuals.
-    per = [jnp.sum(jnp.square(D[i] + E - P[i] @ V[i].T)) for i in range(n)]
-    loss = functools.reduce(jnp.add, per) * scale
+    # noise of the norm formula; the final loss is computed on the residuals
+    # (those of the factored state, before the refinement).
+    loss = res2 * scale
     loss_tr = loss_tr.at[last].set(loss)
+  if trace:
+    werr_tr = werr_tr.at[last].set(_log10_mse(W, W_true))
   return W, Diagnostics(loss=loss_tr, rank=rank_tr, steps=t,
                         final_rank=rank_tr[last], final_loss=loss,
                         w_error=werr_tr)
+
+
+def _refine(D, E, P, V, iters):
+  """Float32 iterative refinement of the converged M-step and W-step.
+
+  In float32 the M-step's products (sums over ``k`` terms) carry relative
+  errors of a few ``1e-7``, i.e. errors of about one ulp of ``W`` in ``E =
+  mean_i M_i``, so a converged solver stalls with half of the entries of
+  ``W`` off by an ulp or more. Each refinement iteration forms the residual
+  ``N_i = D_i + E - M_i`` (small, so rounded at its own small scale),
+  corrects ``M_i`` by ``P_T(N_i)``, the projection onto the tangent space
+  of the rank-``r`` matrices at ``M_i`` (the first-order change of the
+  truncated SVD: ``U U^T N + N V V^T - U U^T N V V^T``) and recomputes ``E``.
+  The corrected ``M_i = U_i K_i + L_i V_i^T`` are kept as thin factors and
+  the LoRAs are visited one at a time (``fori_loop``), so the refinement
+  needs one ``[d, k]`` temporary, not a second stack. Cost per iteration:
+  about three steps of the solver.
+
+  Args:
+    D: ``[n, d, k]`` deviations ``W'_i - W_bar``.
+    E: ``[d, k]`` current ``mean_i M_i``.
+    P, V: ``[n, d, q]``, ``[n, k, q]`` factors ``M_i = P_i V_i^T``
+      (zero columns of ``P`` are inactive).
+    iters: number of refinement iterations (static; 0 returns ``E``).
+
+  Returns:
+    ``(E, res2)``: the refined ``E`` and ``sum_i ||D_i + E - M_i||^2`` of
+    the state before the refinement.
+  """
+  n, d, k = D.shape
+  active = jnp.sum(P * P, axis=1) > 0                                # [n, q]
+  U = jax.vmap(lowrank.orthonormalize)(P)
+  Vo = jax.vmap(lowrank.orthonormalize)(V * active[:, None, :])
+  # M_i = P_i V_i^T = U_i K_i with K_i = (U_i^T P_i) V_i^T; L_i = 0.
+  K = jnp.einsum("ndq,ndp,nkp->nqk", U, P, V)
+  L = jnp.zeros_like(P)
+
+  def visit(i, c, E_old):
+    E_sum, K, L, res2 = c
+    Di = jax.lax.dynamic_index_in_dim(D, i, 0, keepdims=False)
+    Ui, Vi = U[i], Vo[i]
+    Ki, Li = K[i], L[i]
+    N = (Di + E_old) - (Ui @ Ki + Li @ Vi.T)
+    res2 = res2 + jnp.sum(N * N)
+    A = Ui.T @ N                                                     # [q, k]
+    B = N @ Vi                                                       # [d, q]
+    Ki = Ki + A
+    Li = Li + (B - Ui @ (A @ Vi))
+    E_sum = E_sum + (Ui @ Ki + Li @ Vi.T)
+    return (E_sum, K.at[i].set(Ki), L.at[i].set(Li), res2)
+
+  res2 = None
+  for j in range(max(iters, 1)):
+    c0 = (jnp.zeros((d, k), jnp.float32), K, L, jnp.zeros((), jnp.float32))
+    if iters == 0:
+      # Only the residual norms of the unrefined state.
+      def norms(i, r):
+        Di = jax.lax.dynamic_index_in_dim(D, i, 0, keepdims=False)
+        N = (Di + E) - U[i] @ K[i]
+        return r + jnp.sum(N * N)
+      return E, jax.lax.fori_loop(0, n, norms, jnp.zeros((), jnp.float32))
+    E_sum, K, L, r2 = jax.lax.fori_loop(
+        0, n, functools.partial(visit, E_old=E), c0)
+    if j == 0:
+      res2 = r2
+    E = E_sum / n
+  return E, res2
+
+
+def rank_levels(schedule: RankSchedule, end_rank: int) -> tuple[int, ...]:
+  """The working ranks the scheduler can take, in order (static).
+
+  ``start_rank``, then repeated multiplication by ``factor`` capped at
+  ``end_rank``; ``(end_rank,)`` for the fixed schedule. The solver runs one
+  loop per level; a rank outside this list (e.g. a fractional ``factor``)
+  is handled by the last loop, which works at the end rank.
+
+  >>> rank_levels(RankSchedule(), 16)
+  (1, 2, 4, 8, 16)
+  """
+  if schedule.kind != "plateau":
+    return (end_rank,)
+  level = max(1, min(int(schedule.start_rank), end_rank))
+  levels = [level]
+  factor = schedule.factor
+  while level < end_rank and isinstance(factor, (int, np.integer)) and factor > 1:
+    level = min(level * int(factor), end_rank)
+    levels.append(level)
+  if levels[-1] != end_rank:
+    levels.append(end_rank)
+  return tuple(levels)
+
+
+def _compose(W_bar, mean_d, E):
+  """``W = mean_i (W'_i - M_i)`` with a single rounding at the scale of ``W``.
+
+  ``W_bar`` is the float32-rounded mean of the ``W'_i`` and ``mean_d =
+  mean_i (W'_i - W_bar)`` its rounding error (the ``D_i`` are exact or
+  rounded at their own, much smaller scale), so ``W_bar + mean_d`` is the
+  unrounded mean as an unevaluated sum ``hi + lo``. Adding the two small
+  terms first, ``(mean_d - E)``, and ``W_bar`` last rounds once where the
+  naive ``W_bar - E + mean_d`` rounds twice at the scale of ``W``: on
+  float32 synthetic data most entries of the recovery come out bit-exact.
+  XLA:CPU does not reassociate float additions (no fast-math), which
+  ``tests/test_lowrank.py`` checks.
+  """
+  return W_bar + (mean_d - E)
 
 
 def _log10_mse(W, W_true):
@@ -266,17 +404,18 @@ def _log10_mse(W, W_true):
 
 @functools.partial(jax.jit, static_argnames=(
     "ranks", "steps", "schedule", "svd", "tol", "niter", "oversample",
-    "exact_loss"))
-def _solve(D, W_bar, key, init, W_true, *, ranks, steps, schedule, svd, tol,
-           niter, oversample, exact_loss):
+    "exact_loss", "refine"))
+def _solve(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule, svd,
+           tol, niter, oversample, exact_loss, refine):
   fn = functools.partial(_solve_layer, ranks=ranks, steps=steps,
                          schedule=schedule, svd=svd, tol=tol, niter=niter,
-                         oversample=oversample, exact_loss=exact_loss)
+                         oversample=oversample, exact_loss=exact_loss,
+                         refine=refine)
   if D.ndim == 4:
     return jax.vmap(fn, in_axes=(0, 0, None, None if init is None else 0,
-                                 None if W_true is None else 0))(
-                                     D, W_bar, key, init, W_true)
-  return fn(D, W_bar, key, init, W_true)
+                                 None if W_true is None else 0, None))(
+                                     D, W_bar, key, init, W_true, stop)
+  return fn(D, W_bar, key, init, W_true, stop)
 
 
 def spectral_detuning(W_primes, rank: Rank, steps: int = 300, *,
@@ -289,7 +428,9 @@ def spectral_detuning(W_primes, rank: Rank, steps: int = 300, *,
                       oversample: int = 0,
                       exact_loss: bool = False,
                       donate_input: bool = False,
-                      W_true=None):
+                      W_true=None,
+                      refine: int = 2,
+                      stop_after: Optional[int] = None):
   """Recovers the pre-fine-tuning weights of one layer or a batch of layers.
 
   Args:
@@ -328,6 +469,15 @@ def spectral_detuning(W_primes, rank: Rank, steps: int = 300, *,
     W_true: optional ground truth (``[d, k]`` or ``[L, d, k]``): records the
       per-step W-Error in ``diagnostics.w_error`` (evaluation only; costs one
       dense product per step).
+    refine: float32 iterative-refinement iterations of the converged state
+      before ``W`` is returned (each costs about three steps): corrects the
+      M-step's rounding errors to first order, so the recovery is limited by
+      the rounding of the inputs, not by the solver's float32 arithmetic
+      (on float32 synthetic data most entries come out bit-exact). ``0``
+      returns the plain last W-step.
+    stop_after: take at most this many steps of the ``steps``-step run (the
+      scheduler keeps the timetable of ``steps``; the refinement still runs).
+      For time-to-accuracy measurements; not compiled in (no recompilation).
 
   Returns:
     ``(W, diagnostics)``: the float32 recovery (``[d, k]`` or ``[L, d, k]``)
@@ -373,7 +523,10 @@ def spectral_detuning(W_primes, rank: Rank, steps: int = 300, *,
   center = _center_donating if (owned or donate_input) else _center_jit
   D, W_bar = center(W_primes)
   del W_primes
-  return _solve(D, W_bar, jax.random.key(seed), init, W_true,
+  stop = jnp.asarray(steps if stop_after is None
+                     else max(1, min(int(stop_after), int(steps))), jnp.int32)
+  return _solve(D, W_bar, jax.random.key(seed), init, W_true, stop,
                 ranks=ranks, steps=int(steps), schedule=schedule, svd=svd,
                 tol=None if tol is None else float(tol), niter=int(niter),
-                oversample=int(oversample), exact_loss=bool(exact_loss))
+                oversample=int(oversample), exact_loss=bool(exact_loss),
+                refine=int(refine))
