@@ -48,6 +48,8 @@ flags.DEFINE_string("svd", "subspace", "detune_jax M-step method.")
 flags.DEFINE_integer("chunk", 0, "detune_jax layers per solver call "
                      "(0: all layers of a shape at once).")
 flags.DEFINE_bool("reference", True, "Also run the PyTorch reference.")
+flags.DEFINE_integer("ref_repeats", 0, "Timed repeats of the reference "
+                     "(0: same as --repeats).")
 flags.DEFINE_string("json_out", None, "Write all figures to this JSON file.")
 # Internal: one method of the Mistral case in a fresh process.
 flags.DEFINE_string("_memory_child", None, "internal")
@@ -104,7 +106,7 @@ def _first_reach(trace: np.ndarray, target: float):
 
 # ----------------------------------------------------------------- detune_jax
 
-def _solve_groups(groups, r, steps, W_true=False):
+def _solve_groups(groups, r, steps, W_true=False, stop_after=None):
   """Solves every group in chunks; returns (per-group W, diags, seconds)."""
   Ws, diags, seconds = [], [], 0.0
   for W, Wp in groups:
@@ -113,6 +115,8 @@ def _solve_groups(groups, r, steps, W_true=False):
     parts = []
     for s in range(0, L, chunk):
       kw = dict(steps=steps, svd=FLAGS.svd)
+      if stop_after is not None:
+        kw["stop_after"] = stop_after
       if W_true:
         kw["W_true"] = W[s:s + chunk]
       start = time.perf_counter()
@@ -133,11 +137,11 @@ def _case_w_error(Ws, groups) -> float:
   return float(np.mean(np.concatenate(errs)))
 
 
-def matmul_floor(groups, r, reps: int = 20) -> float:
-  """Seconds per step of the products no warm-started method can skip.
+def matmul_floor(groups, q, reps: int = 20) -> float:
+  """Seconds of one step's unavoidable products at working width ``q``.
 
   Each step of a subspace iteration must touch every ``[d, k]`` matrix of
-  the stack twice: ``D_i @ V_i`` and ``Q_i^T @ D_i`` with ``q = r`` columns
+  the stack twice: ``D_i @ V_i`` and ``Q_i^T @ D_i`` with ``q`` columns
   (one block power step and its Rayleigh-Ritz projection). This times
   exactly those two batched products, jit-compiled, for all layers of the
   case (median of ``reps`` calls), on the same machine and run.
@@ -145,7 +149,7 @@ def matmul_floor(groups, r, reps: int = 20) -> float:
   total = 0.0
   for _, Wp in groups:
     L, n, d, k = Wp.shape
-    V = jnp.ones((L, n, k, r), jnp.float32) / np.sqrt(k)
+    V = jnp.ones((L, n, k, q), jnp.float32) / np.sqrt(k)
     f = jax.jit(lambda D, V: jnp.einsum(
         "lndq,lndk->lnqk", jnp.einsum("lndk,lnkq->lndq", D, V), D))
     jax.block_until_ready(f(Wp, V))
@@ -158,6 +162,19 @@ def matmul_floor(groups, r, reps: int = 20) -> float:
   return total
 
 
+def run_floor(groups, rank_trace: np.ndarray) -> Dict:
+  """The matmul floor of a whole run, weighted by its working ranks.
+
+  ``rank_trace``: ``[steps]`` scheduler rank of each step (the solver works
+  at that width). Returns the floor per step at each width and the floor of
+  the run, ``sum_t floor(q_t)``.
+  """
+  widths, counts = np.unique(rank_trace, return_counts=True)
+  per_q = {int(q): matmul_floor(groups, int(q)) for q in widths}
+  run = float(sum(per_q[int(q)] * c for q, c in zip(widths, counts)))
+  return dict(per_q=per_q, run_s=run)
+
+
 def run_detune_jax(groups, r, steps) -> Dict:
   """Compiles, records the W-Error trace once, then times ``repeats`` runs."""
   start = time.perf_counter()
@@ -165,6 +182,9 @@ def run_detune_jax(groups, r, steps) -> Dict:
   compile_s = time.perf_counter() - start
   _, diags, _ = _solve_groups(groups, r, steps, W_true=True)
   trace = _case_trace([np.asarray(d.w_error) for d in diags])
+  rank_trace = np.max(np.concatenate(
+      [np.asarray(d.rank).reshape(-1, steps, np.asarray(d.rank).shape[-1])
+       for d in diags]), axis=(0, 2))
   walls, errs, steps_taken = [], [], []
   for _ in range(FLAGS.repeats):
     Ws, diags, sec = _solve_groups(groups, r, steps)
@@ -172,9 +192,30 @@ def run_detune_jax(groups, r, steps) -> Dict:
     errs.append(_case_w_error(Ws, groups))
     steps_taken.append(max(int(np.max(d.steps)) for d in diags))
   return dict(walls=walls, w_error=float(np.median(errs)), trace=trace,
-              steps=int(np.median(steps_taken)),
-              compile_and_first_run_s=compile_s, uniform_steps=True,
-              floor_s_per_step=matmul_floor(groups, r))
+              steps=int(np.median(steps_taken)), rank_trace=rank_trace,
+              compile_and_first_run_s=compile_s, uniform_steps=False,
+              floor=run_floor(groups, rank_trace))
+
+
+def measure_tta(groups, r, steps, res: Dict, target: float) -> Dict:
+  """detune_jax's time-to-accuracy, measured: runs stopped at the step.
+
+  The first step whose traced W-Error (the plain W-step, before the final
+  refinement) reaches ``target`` is found from the trace; then runs of the
+  same ``steps``-step schedule stopped after that step (``stop_after``, the
+  refinement included) are timed, and the W-Error of what they return is
+  checked against ``target``.
+  """
+  s = _first_reach(res["trace"], target + 1e-9)
+  if s is None:
+    return dict(tta=None, tta_step=None)
+  walls, errs = [], []
+  for _ in range(FLAGS.repeats):
+    Ws, _, sec = _solve_groups(groups, r, steps, stop_after=s + 1)
+    walls.append(sec)
+    errs.append(_case_w_error(Ws, groups))
+  return dict(tta=float(np.median(walls)), tta_step=s + 1, tta_walls=walls,
+              tta_w_error=float(np.median(errs)))
 
 
 # ------------------------------------------------------------------ reference
@@ -191,7 +232,7 @@ def run_reference(groups, r, steps) -> Dict:
   import torch  # pylint: disable=g-import-not-at-top
   from experiments import reference_torch  # pylint: disable=g-import-not-at-top
   walls, errs, traces_all, cum_all = [], [], [], []
-  for rep in range(FLAGS.repeats):
+  for rep in range(FLAGS.ref_repeats or FLAGS.repeats):
     torch.manual_seed(rep)
     traces, cums, final = [], [], []
     for W, Wp in groups:
@@ -343,7 +384,9 @@ def main(argv: Sequence[str]) -> None:
       wall = float(np.median(v["walls"]))
       v["wall_median"] = wall
       v["s_per_step"] = wall / v["steps"]
-      if target is not None:
+      if target is not None and m == "detune_jax":
+        v.update(measure_tta(groups, r, FLAGS.steps, v, target))
+      elif target is not None:
         v["tta"], v["tta_step"] = _tta(v, target)
       print(f"  {m:11s} wall {wall:8.2f} s (runs {_fmt_list(v['walls'])})  "
             f"s/step {v['s_per_step']:.4f}  steps {v['steps']}  "
@@ -352,9 +395,16 @@ def main(argv: Sequence[str]) -> None:
     dj_res = res["detune_jax"]
     print(f"  detune_jax compilation (first call, not in wall): "
           f"{dj_res['compile_and_first_run_s']:.2f} s")
-    print(f"  matmul floor (D_i V_i and Q_i^T D_i, q={r}): "
-          f"{dj_res['floor_s_per_step']:.4f} s/step; detune_jax is "
-          f"{dj_res['s_per_step'] / dj_res['floor_s_per_step']:.2f}x the floor")
+    fl = dj_res["floor"]
+    print("  matmul floor (D_i V_i and Q_i^T D_i at width q, s/step): " +
+          ", ".join(f"q={q}: {t:.4f}" for q, t in fl["per_q"].items()))
+    print(f"  floor of the run (sum over steps at their working rank): "
+          f"{fl['run_s']:.2f} s = {fl['run_s'] / FLAGS.steps:.4f} s/step; "
+          f"detune_jax is {dj_res['wall_median'] / fl['run_s']:.2f}x the floor")
+    if dj_res.get("tta_step"):
+      print(f"  detune_jax stopped after step {dj_res['tta_step']}: "
+            f"W-Error {dj_res['tta_w_error']:.2f} "
+            f"(runs {_fmt_list(dj_res['tta_walls'])} s)")
     if target is not None:
       a, b = res["reference"], res["detune_jax"]
       ratio_wall = a["wall_median"] / b["wall_median"]
