@@ -67,7 +67,7 @@ from detune_jax.io.progress import (RUN_FILE, Progress, fingerprint, read_json,
                                     write_json_atomic)
 from detune_jax.io.safetensors_io import DTYPES, FLOAT_DTYPES, SafetensorsWriter
 from detune_jax.parallel import solve_layers
-from detune_jax.solvers import detection, rank_estimation, registry
+from detune_jax.solvers import detection, grid, rank_estimation, registry
 
 FORMAT_VERSION = 1
 REPORT_FILE = "report.json"
@@ -86,8 +86,12 @@ class RecoverConfig:
     rank: ``"auto"`` (estimate per layer and per LoRA) or an int.
     steps: solver steps per layer.
     seed: solver seed.
-    solver: a name in :data:`detune_jax.solvers.registry.SOLVERS`.
+    solver: a name in :data:`detune_jax.solvers.registry.SOLVERS`; ``"auto"``
+      takes the closed form for n >= 3 (refined where ill-posed) and
+      Spectral DeTuning otherwise.
     solver_options: extra keyword arguments of the solver.
+    dtype_aware: for layers released in bfloat16/float16, refine the
+      recovery on that dtype's grid (the base was released on it too).
     max_memory_gb: memory budget of one batch of layers.
     ground_truth: optional path of the true base model (evaluation only).
     lowra_bench: path of a local LoWRA Bench copy (instead of ``models``).
@@ -105,8 +109,9 @@ class RecoverConfig:
   rank: str = "auto"
   steps: int = 300
   seed: int = 0
-  solver: str = "spectral_detuning"
+  solver: str = "auto"
   solver_options: Tuple[Tuple[str, object], ...] = ()
+  dtype_aware: bool = True
   max_memory_gb: float = 4.0
   ground_truth: Optional[str] = None
   lowra_bench: Optional[str] = None
@@ -264,7 +269,7 @@ def run_fingerprint(config: RecoverConfig, inputs: Inputs) -> str:
       "format": FORMAT_VERSION, "inputs": inputs.identity,
       "rank": str(config.rank), "steps": config.steps, "seed": config.seed,
       "solver": config.solver, "solver_options": list(config.solver_options),
-      "max_memory_gb": config.max_memory_gb,
+      "dtype_aware": config.dtype_aware, "max_memory_gb": config.max_memory_gb,
       "ambiguous_rank": str(config.ambiguous_rank),
       "max_rank": config.max_rank})
 
@@ -491,13 +496,19 @@ def solve_group(group: Group, inputs: Inputs, plans: Dict[str, TensorPlan],
       stack[l, i] = np.asarray(m.read(name), np.float32).reshape(d, k)
   ranks = group.ranks
   rank_arg = ranks[0] if len(set(ranks)) == 1 else tuple(ranks)
+  dtypes = {plans[name].dtype for name in group.names}
+  grid_opts = {"dtype_aware": False}
+  if config.dtype_aware and len(dtypes) == 1:
+    grid_opts = {"input_dtype": np.dtype(DTYPES[dtypes.pop()])}
   W, diag = solve_layers(stack, rank_arg, devices=jax.local_devices(),
                          solver=config.solver, steps=config.steps,
-                         seed=config.seed, **dict(config.solver_options))
+                         seed=config.seed, **grid_opts,
+                         **dict(config.solver_options))
   W = np.asarray(W, np.float32)
   tree = {}
   w_err = np.full(L, np.nan, np.float32)
   mean_err = np.full(L, np.nan, np.float32)
+  exact = np.full(L, np.nan, np.float32)
   gt = inputs.ground_truth
   for l, name in enumerate(group.names):
     p = plans[name]
@@ -508,6 +519,8 @@ def solve_group(group: Group, inputs: Inputs, plans: Dict[str, TensorPlan],
       truth = np.asarray(gt.read(name), np.float32).reshape(d, k)
       w_err[l] = float(metrics.layer_w_error(
           out.astype(np.float32).reshape(d, k), truth))
+      exact[l] = float(grid.bit_exact_fraction(
+          out, np.asarray(gt.read(name)).astype(dtype)))
       mean = stack[l].mean(0).astype(dtype).astype(np.float32)
       mean_err[l] = float(metrics.layer_w_error(mean, truth))
   tree.update(
@@ -515,7 +528,7 @@ def solve_group(group: Group, inputs: Inputs, plans: Dict[str, TensorPlan],
       steps=np.asarray(diag.steps, np.int32).reshape(L),
       final_rank=np.asarray(diag.final_rank, np.int32).reshape(L, -1),
       final_loss=np.asarray(diag.final_loss, np.float32).reshape(L),
-      w_error=w_err, mean_lora_w_error=mean_err,
+      w_error=w_err, mean_lora_w_error=mean_err, bit_exact_fraction=exact,
       seconds=np.asarray(time.time() - t0, np.float64))
   return tree
 
@@ -593,6 +606,7 @@ def assemble(out_dir: str, inputs: Inputs, plans: List[TensorPlan],
         if gt is not None:
           entry["w_error"] = _num(tree["w_error"][l])
           entry["mean_lora_w_error"] = _num(tree["mean_lora_w_error"][l])
+          entry["bit_exact_fraction"] = _num(tree["bit_exact_fraction"][l])
         layers[name] = entry
     for w in writers.values():
       w.commit()
@@ -744,7 +758,8 @@ def _report(config, inputs, fp, plans, groups, layers, averaged, files,
       "models": [m.path for m in inputs.models],
       "ground_truth": (getattr(inputs.ground_truth, "path", None)
                        if inputs.ground_truth is not None else None),
-      "solver": config.solver, "rank": str(config.rank),
+      "solver": config.solver, "dtype_aware": config.dtype_aware,
+      "rank": str(config.rank),
       "ambiguous_rank": str(config.ambiguous_rank), "steps": config.steps,
       "seed": config.seed, "max_memory_gb": config.max_memory_gb,
       "seconds": time.time() - t_start,
@@ -765,6 +780,11 @@ def _report(config, inputs, fp, plans, groups, layers, averaged, files,
           if l.get("mean_lora_w_error") is not None]
     report["w_error"] = float(np.mean(we)) if we else None
     report["mean_lora_w_error"] = float(np.mean(me)) if me else None
+    # Over all solved weights (layers weighted by their number of entries).
+    ex = [(l["bit_exact_fraction"], math.prod(l["shape"])) for l in layers
+          if l.get("bit_exact_fraction") is not None]
+    report["bit_exact_fraction"] = (
+        sum(f * c for f, c in ex) / sum(c for _, c in ex) if ex else None)
   report["averaged"] = averaged
   report["layers"] = layers
   return report

@@ -32,8 +32,14 @@ _AMBIGUOUS = flags.DEFINE_string(
     "guess, mean (average the layer), or an int rank.")
 _STEPS = flags.DEFINE_integer("steps", 300, "Solver steps per layer.")
 _SEED = flags.DEFINE_integer("seed", 0, "Solver seed.")
-_SOLVER = flags.DEFINE_string("solver", "spectral_detuning", "Layer solver, "
-                              "a name in detune_jax.solvers.registry.SOLVERS.")
+_SOLVER = flags.DEFINE_string(
+    "solver", "auto", "Layer solver, a name in "
+    "detune_jax.solvers.registry.SOLVERS: auto (closed form for n >= 3, "
+    "refined where ill-posed; spectral_detuning otherwise), spectral_detuning, "
+    "closed_form, closed_form+refine, mean_lora.")
+_DTYPE_AWARE = flags.DEFINE_bool(
+    "dtype_aware", True, "For layers released in bfloat16/float16, refine the "
+    "recovery on that dtype's grid (--nodtype_aware turns it off).")
 _MAX_MEMORY_GB = flags.DEFINE_float("max_memory_gb", 4.0, "Memory budget of "
                                     "one batch of same-shape layers.")
 _GROUND_TRUTH = flags.DEFINE_string("ground_truth", None, "True base model, "
@@ -73,7 +79,8 @@ def _summary(report):
         f"-> {os.path.join(report['output_dir'], report['output_files'][0])}")
   if report.get("w_error") is not None:
     print(f"W-Error: {report['solver']} {report['w_error']:.2f}  "
-          f"Mean-LoRA {report['mean_lora_w_error']:.2f}")
+          f"Mean-LoRA {report['mean_lora_w_error']:.2f}  bit-exact weights "
+          f"{100 * report['bit_exact_fraction']:.1f}%")
 
 
 def main(argv):
@@ -87,12 +94,14 @@ def main(argv):
     hook = _kill_after(_STOP_AFTER.value) if _STOP_AFTER.value > 0 else None
     options = dict(rank=_RANK.value, steps=_STEPS.value, seed=_SEED.value,
                    solver=_SOLVER.value, max_memory_gb=_MAX_MEMORY_GB.value,
-                   ambiguous_rank=_AMBIGUOUS.value, plots=_PLOTS.value)
+                   ambiguous_rank=_AMBIGUOUS.value, plots=_PLOTS.value,
+                   dtype_aware=_DTYPE_AWARE.value)
     if _DEMO.value or not (_MODELS.value or _LOWRA.value):
       report = pipeline.demo(_OUTPUT_DIR.value, steps=_STEPS.value,
                              seed=_SEED.value, plots=_PLOTS.value,
                              max_memory_gb=_MAX_MEMORY_GB.value,
-                             solver=_SOLVER.value)
+                             solver=_SOLVER.value,
+                             dtype_aware=_DTYPE_AWARE.value)
       _summary(report)
       return 0
     try:

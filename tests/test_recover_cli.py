@@ -173,7 +173,7 @@ def test_kill_then_resume_matches_uninterrupted_run(tiny_models, tmp_path):
   assert sorted(os.listdir(out / "checkpoint")) == ["0"]
   done = _run(*flags, "--plots", cache_dir=cache)
   assert done.returncode == 0, done.stderr[-2000:]
-  assert "W-Error: spectral_detuning" in done.stdout
+  assert "W-Error: auto" in done.stdout
   report = json.loads((out / "report.json").read_text())
   assert report["resumed_groups"] == 1 and report["w_error"] < -10
   for png in ("loss_curves.png", "w_error_hist.png",

@@ -44,10 +44,30 @@ def _mean_lora(W_primes, rank, *, steps=300, seed=0, **options):
 
 def solve(W_primes, rank, *, solver: str = "spectral_detuning", steps: int = 300,
           seed: int = 0, **options):
-  """Runs the solver registered as ``solver``."""
+  """Runs the solver registered as ``solver``, then the dtype-aware step.
+
+  Args:
+    W_primes: ``[n, d, k]`` or ``[L, n, d, k]``.
+    rank: int or per-LoRA ints.
+    solver: a name in :data:`SOLVERS`.
+    steps: iteration budget of iterative solvers.
+    seed: seed of random sketches.
+    **options: solver options, plus the dtype-aware options shared by every
+      solver but the ``mean_lora`` baseline: ``dtype_aware`` (``None``: on
+      when the inputs are bfloat16/float16; ``False``: off; ``True``: required),
+      ``input_dtype`` (the release dtype when ``W_primes`` was upcast) and
+      ``grid_steps`` (see :func:`detune_jax.solvers.grid.grid_refine`).
+
+  Returns:
+    ``(W, diagnostics)``.
+  """
   if solver not in SOLVERS:
     raise ValueError(f"unknown solver {solver!r}; known: {sorted(SOLVERS)}")
-  return SOLVERS[solver](W_primes, rank, steps=steps, seed=seed, **options)
+  grid_opts = _pop_grid_options(options)
+  W, diag = SOLVERS[solver](W_primes, rank, steps=steps, seed=seed, **options)
+  if solver == "mean_lora":
+    return W, diag
+  return _dtype_aware(W_primes, W, diag, rank, grid_opts, seed)
 
 
 # --- Few fine-tunes (issue 5): closed form, refinement, automatic choice. ---
@@ -104,26 +124,22 @@ def _pop_grid_options(options):
 
 @register_solver("closed_form")
 def _closed_form(W_primes, rank, *, steps=300, seed=0, **options):
-  """Subspace-intersection closed form (n >= 3), then the grid if low-precision."""
+  """Subspace-intersection closed form (n >= 3)."""
   del steps
-  grid_opts = _pop_grid_options(options)
-  W, diag = _cf.subspace_intersection_detuning(W_primes, rank, seed=seed,
-                                               **options)
-  return _dtype_aware(W_primes, W, diag, rank, grid_opts, seed)
+  return _cf.subspace_intersection_detuning(W_primes, rank, seed=seed,
+                                            **options)
 
 
 @register_solver("closed_form+refine")
 def _closed_form_refine(W_primes, rank, *, steps=300, seed=0, **options):
-  """Closed form as ``init`` of spectral_detuning, then the grid."""
-  grid_opts = _pop_grid_options(options)
+  """Closed form as ``init`` of spectral_detuning."""
   cf_opts = {k: options.pop(k) for k in ("oversample", "niter")
              if k in options}
   W0, diag0 = _cf.subspace_intersection_detuning(W_primes, rank, seed=seed,
                                                  **cf_opts)
   options.setdefault("schedule", REFINE_SCHEDULE)
-  W, diag = spectral_detuning(W_primes, rank, steps, seed=seed, init=W0,
-                              **options)
-  return _dtype_aware(W_primes, W, diag, rank, grid_opts, seed)
+  return spectral_detuning(W_primes, rank, steps, seed=seed, init=W0,
+                           **options)
 
 
 def _take(x, idx):
@@ -139,9 +155,9 @@ def _auto(W_primes, rank, *, steps=300, seed=0, **options):
     :data:`AUTO_MIN_GAP` (nearly shared subspaces: the closed form is then
     noise-sensitive) are refined by spectral_detuning from the closed form,
     and the refinement is kept where it lowers the loss of Eq. 3;
-  * low-precision inputs then go through the dtype-aware grid refinement.
+  * low-precision inputs then go through the dtype-aware grid refinement
+    (in :func:`solve`, as for every solver).
   """
-  grid_opts = _pop_grid_options(options)
   min_gap = options.pop("min_gap", AUTO_MIN_GAP)
   W_primes = jnp.asarray(W_primes)
   n, d, k = W_primes.shape[-3:]
@@ -149,8 +165,7 @@ def _auto(W_primes, rank, *, steps=300, seed=0, **options):
   try:
     _cf.check_identifiable(n, tuple(int(r) for r in ranks), d, k)
   except _cf.NotIdentifiableError:
-    W, diag = spectral_detuning(W_primes, rank, steps, seed=seed, **options)
-    return _dtype_aware(W_primes, W, diag, rank, grid_opts, seed)
+    return spectral_detuning(W_primes, rank, steps, seed=seed, **options)
   W, cdiag = _cf.subspace_intersection_detuning(W_primes, rank, seed=seed)
   diag = _as_diagnostics(cdiag)
   options.setdefault("schedule", REFINE_SCHEDULE)
@@ -174,4 +189,4 @@ def _auto(W_primes, rank, *, steps=300, seed=0, **options):
       loss_arr = diag.final_loss.at[idx].set(
           jnp.where(better, rdiag.final_loss, diag.final_loss[idx]))
       diag = diag._replace(steps=steps_arr, final_loss=loss_arr)
-  return _dtype_aware(W_primes, W, diag, rank, grid_opts, seed)
+  return W, diag
