@@ -89,7 +89,7 @@ def run_method(method: str, W_primes, rank: int, steps: int):
   """``(W, seconds)`` or ``(None, reason)`` when the method does not apply."""
   low = stacks.NP_DTYPES["bfloat16"] == W_primes.dtype
   opts = {}
-  if method in ("closed_form", "closed_form+refine") and low:
+  if method != "auto" and low:
     opts["dtype_aware"] = False  # the raw methods; "auto" is dtype-aware
   if method in ("closed_form", "closed_form+refine") and W_primes.shape[-3] < 3:
     return None, "n < 3"
