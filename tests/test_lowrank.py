@@ -166,6 +166,21 @@ def test_rank_levels():
   assert sd.rank_levels(dj.RankSchedule(factor=1), 8) == (1, 8)
 
 
+def test_rank_phases():
+  assert sd.rank_phases((1, 2, 4, 8, 16)) == ((1, 1), (4, 4), (16, 16))
+  assert sd.rank_phases((1, 2, 4, 8, 16, 32)) == (
+      (1, 1), (2, 2), (8, 8), (32, 32))
+  assert sd.rank_phases((1, 2, 3)) == ((1, 1), (3, 3))
+  assert sd.rank_phases((16,)) == ((16, 16),)
+  # Every level runs at a width that holds it.
+  for levels in [(1, 2, 4, 8, 16, 32, 64), (2, 6, 18, 20), (1, 20)]:
+    phases = sd.rank_phases(levels)
+    assert phases[-1] == (levels[-1], levels[-1])
+    for level in levels:
+      bound, width = next(p for p in phases if level <= p[0])
+      assert width >= level
+
+
 def test_stop_after_is_a_prefix_of_the_full_run():
   _, W_primes = lora_stack(15, 64, 48, n=4, rank=4)
   _, full = dj.spectral_detuning(W_primes, 4, steps=60)

@@ -216,7 +216,7 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
   # every LoRA keeps the result independent of their order; its later
   # columns widen the subspace when the working rank grows.
   omega = jnp.linalg.qr(jax.random.normal(key, (k, q), jnp.float32))[0]
-  q0 = width(levels[0])
+  q0 = width(rank_phases(levels)[0][1])
   V = jnp.broadcast_to(omega[:, :q0], (n, k, q0))
   if svd == "subspace":
     for _ in range(niter + 1):
@@ -227,14 +227,23 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
 
   trace = W_true is not None
   sched0 = rank_schedule_init(schedule, r_end)
-  # Step 0 is taken outside the loop: its residuals use the (possibly dense)
-  # initial E, every later step the factored one.
-  cur0, fac0, loss0, werr0 = step(0, None, V, sched0)
-  sched1 = rank_schedule_step(schedule, sched0, loss0, 1, r_end, steps)
-  loss_tr = jnp.full((steps,), jnp.nan, jnp.float32).at[0].set(loss0)
-  rank_tr = jnp.zeros((steps, n), jnp.int32).at[0].set(cur0)
-  werr_tr = (jnp.full((steps,), jnp.nan, jnp.float32).at[0].set(werr0)
-             if trace else None)
+  loss_tr = jnp.full((steps,), jnp.nan, jnp.float32)
+  rank_tr = jnp.zeros((steps, n), jnp.int32)
+  werr_tr = jnp.full((steps,), jnp.nan, jnp.float32) if trace else None
+  if E0 is None:
+    # E = 0 is the factored state with P = 0: every step runs in the loop.
+    c = (jnp.asarray(0, jnp.int32), (jnp.zeros((n, d, q0), jnp.float32), V),
+         sched0, loss_tr, rank_tr, werr_tr, jnp.asarray(jnp.nan, jnp.float32),
+         jnp.asarray(False))
+  else:
+    # Step 0 is taken outside the loop: its residuals use the dense initial
+    # E, every later step the factored one.
+    cur0, fac0, loss0, werr0 = step(0, None, V, sched0)
+    sched1 = rank_schedule_step(schedule, sched0, loss0, 1, r_end, steps)
+    if trace:
+      werr_tr = werr_tr.at[0].set(werr0)
+    c = (jnp.asarray(1, jnp.int32), fac0, sched1, loss_tr.at[0].set(loss0),
+         rank_tr.at[0].set(cur0), werr_tr, loss0, jnp.asarray(False))
 
   def body(c):
     t, fac, sched, loss_tr, rank_tr, werr_tr, prev_loss, _ = c
@@ -249,28 +258,27 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
     return (t + 1, fac_new, sched, loss_tr.at[t].set(loss),
             rank_tr.at[t].set(cur), werr_tr, loss, done)
 
-  # One while_loop per level of the scheduler's rank, each with factors of
-  # that level's (static) width: the products with the stack cost what the
-  # working rank needs, not the end rank. A level's loop runs while the
-  # scheduler stays at it; the last one runs to the end whatever the rank.
-  # Under vmap each layer keeps its own trajectory (layers at another level
-  # are frozen by the batched loop), so batches equal per-layer calls.
-  c = (jnp.asarray(1, jnp.int32), fac0, sched1, loss_tr, rank_tr, werr_tr,
-       loss0, jnp.asarray(False))
-  for j, level in enumerate(levels):
-    last_level = j == len(levels) - 1
-    if j > 0:
-      P, V = c[1]
-      qa, qb = P.shape[-1], width(level)
-      if qb > qa:
-        P = jnp.concatenate([P, jnp.zeros((n, d, qb - qa), P.dtype)], -1)
-        V = jnp.concatenate(
-            [V, jnp.broadcast_to(omega[:, qa:qb], (n, k, qb - qa))], -1)
+  # One while_loop per phase of the scheduler's rank, each with factors of
+  # a static width that covers the phase's levels (see rank_phases): the
+  # products with the stack cost about what the working rank needs, not
+  # the end rank. A phase's loop runs while the scheduler's rank is within
+  # it; the last one runs to the end whatever the rank. Under vmap each
+  # layer keeps its own trajectory (layers in another phase are frozen by
+  # the batched loop), so batches equal per-layer calls.
+  phases = rank_phases(levels)
+  for j, (bound, wlevel) in enumerate(phases):
+    last_phase = j == len(phases) - 1
+    P, V = c[1]
+    qa, qb = P.shape[-1], width(wlevel)
+    if qb > qa:
+      P = jnp.concatenate([P, jnp.zeros((n, d, qb - qa), P.dtype)], -1)
+      V = jnp.concatenate(
+          [V, jnp.broadcast_to(omega[:, qa:qb], (n, k, qb - qa))], -1)
       c = c[:1] + ((P, V),) + c[2:]
 
-    def cond(c, level=level, last_level=last_level):
+    def cond(c, bound=bound, last_phase=last_phase):
       go = (c[0] < stop) & ~c[-1]
-      return go if last_level else go & (c[2].rank == level)
+      return go if last_phase else go & (c[2].rank <= bound)
 
     c = jax.lax.while_loop(cond, body, c)
   t, (P, V), _, loss_tr, rank_tr, werr_tr, loss, _ = c
@@ -380,6 +388,39 @@ def rank_levels(schedule: RankSchedule, end_rank: int) -> tuple[int, ...]:
   if levels[-1] != end_rank:
     levels.append(end_rank)
   return tuple(levels)
+
+
+def rank_phases(levels: tuple[int, ...], spread: int = 4):
+  """Groups the scheduler's levels into phases of one static width each.
+
+  A loop per level would compile one copy of the step per level; instead
+  the widths are ``end``, ``ceil(end / spread)``, ``ceil(end / spread^2)``,
+  ... (down to the first level) and each level runs at the smallest width
+  that holds it (the extra columns oversample the subspace iteration).
+
+  Args:
+    levels: from :func:`rank_levels` (ascending, last = end rank).
+    spread: ratio between consecutive widths.
+
+  Returns:
+    ``((bound, width), ...)``: phase ``j`` runs while the rank is at most
+    ``bound`` with factors of ``width`` columns (before oversampling).
+
+  >>> rank_phases((1, 2, 4, 8, 16))
+  ((1, 1), (4, 4), (16, 16))
+  """
+  widths = [levels[-1]]
+  while widths[-1] > levels[0]:
+    widths.append(max(-(-widths[-1] // spread), levels[0]))
+  widths = sorted(set(widths))
+  phases = []
+  for level in levels:
+    w = min(x for x in widths if x >= level)
+    if phases and phases[-1][1] == w:
+      phases[-1] = (level, w)
+    else:
+      phases.append((level, w))
+  return tuple(phases)
 
 
 def _compose(W_bar, mean_d, E):
