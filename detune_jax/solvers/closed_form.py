@@ -36,7 +36,8 @@ import jax
 import jax.numpy as jnp
 
 from detune_jax.solvers import lowrank
-from detune_jax.solvers.spectral_detuning import (Rank, normalize_ranks,
+from detune_jax.solvers.spectral_detuning import (Rank, check_stack,
+                                                  normalize_ranks,
                                                   stack_mean)
 
 PAIR_SVD_METHODS = ("randomized", "exact")
@@ -251,12 +252,7 @@ def subspace_intersection_detuning(W_primes, rank: Rank, *, seed: int = 0,
   >>> bool(jnp.log10(jnp.mean((W_rec - W) ** 2)) < -12)
   True
   """
-  W_primes = jnp.asarray(W_primes)
-  if W_primes.ndim not in (3, 4):
-    raise ValueError("W_primes must be [n, d, k] or [L, n, d, k], got shape "
-                     f"{tuple(W_primes.shape)}")
-  if not jnp.issubdtype(W_primes.dtype, jnp.floating):
-    raise ValueError(f"W_primes must be floating point, got {W_primes.dtype}")
+  W_primes = check_stack(W_primes)
   if svd not in PAIR_SVD_METHODS:
     raise ValueError(f"unknown svd method {svd!r}; expected one of "
                      f"{PAIR_SVD_METHODS}")

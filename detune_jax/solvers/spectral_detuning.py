@@ -64,6 +64,17 @@ def stack_mean(x):
   return stack_sum(x) / x.shape[0]
 
 
+def check_stack(W_primes):
+  """``W_primes`` as a floating ``[n, d, k]`` or ``[L, n, d, k]`` jax array."""
+  W_primes = jnp.asarray(W_primes)
+  if W_primes.ndim not in (3, 4):
+    raise ValueError("W_primes must be [n, d, k] or [L, n, d, k], got shape "
+                     f"{tuple(W_primes.shape)}")
+  if not jnp.issubdtype(W_primes.dtype, jnp.floating):
+    raise ValueError(f"W_primes must be floating point, got {W_primes.dtype}")
+  return W_primes
+
+
 def normalize_ranks(rank: Rank, n: int, d: int, k: int) -> tuple[int, ...]:
   """Validates ``rank`` (an int or ``n`` ints) against a ``[n, d, k]`` stack."""
   if isinstance(rank, (int, np.integer)):
@@ -534,12 +545,7 @@ def spectral_detuning(W_primes, rank: Rank, steps: int = 300, *,
   True
   """
   owned = not isinstance(W_primes, jax.Array)
-  W_primes = jnp.asarray(W_primes)
-  if W_primes.ndim not in (3, 4):
-    raise ValueError("W_primes must be [n, d, k] or [L, n, d, k], got shape "
-                     f"{tuple(W_primes.shape)}")
-  if not jnp.issubdtype(W_primes.dtype, jnp.floating):
-    raise ValueError(f"W_primes must be floating point, got {W_primes.dtype}")
+  W_primes = check_stack(W_primes)
   n, d, k = W_primes.shape[-3:]
   if n < 2:
     raise ValueError(f"need at least 2 fine-tuned matrices, got {n}")
