@@ -516,11 +516,11 @@ def solve_group(group: Group, inputs: Inputs, plans: Dict[str, TensorPlan],
     out = W[l].reshape(p.shape).astype(dtype)
     tree[f"W_{l}"] = out
     if gt is not None:
-      truth = np.asarray(gt.read(name), np.float32).reshape(d, k)
+      raw = np.asarray(gt.read(name))
+      truth = raw.astype(np.float32).reshape(d, k)
       w_err[l] = float(metrics.layer_w_error(
           out.astype(np.float32).reshape(d, k), truth))
-      exact[l] = float(grid.bit_exact_fraction(
-          out, np.asarray(gt.read(name)).astype(dtype)))
+      exact[l] = float(grid.bit_exact_fraction(out, raw.astype(dtype)))
       mean = stack[l].mean(0).astype(dtype).astype(np.float32)
       mean_err[l] = float(metrics.layer_w_error(mean, truth))
   tree.update(
