@@ -4,6 +4,20 @@
 >>> W, diag = detune_jax.spectral_detuning(W_primes, rank=16)   # doctest: +SKIP
 """
 
+import os as _os
+
+# XLA:CPU's concurrency-optimized HLO scheduler: with it on, the batched
+# solver programs (vmap over layers of while loops with small eigh/QR calls)
+# intermittently deadlock on CPU, every thread idle in a futex wait
+# (measured: 1 hang in 10 runs of one 640x768 SD-shaped solve, and 4 of 4
+# runs of the SD benchmark; 0 in 10 with it off). Off unless the user set it;
+# only effective if the XLA backend is not initialised yet.
+_XLA_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+if "xla_cpu_enable_concurrency_optimized_scheduler" not in _os.environ.get(
+    "XLA_FLAGS", ""):
+  _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + " "
+                              + _XLA_SCHEDULER_FLAG).strip()
+
 from detune_jax.metrics import detuning_loss, layer_w_errors, w_error
 from detune_jax.solvers import (Diagnostics, RankEstimate, RankEstimationError,
                                 RankSchedule, RankScheduleState,
