@@ -176,3 +176,15 @@ def test_needs_two_models():
   _, W_primes = lora_stack(0, 16, 16, n=2, rank=2)
   with pytest.raises(ValueError, match="at least 2"):
     dj.spectral_detuning(W_primes[:1], 2)
+
+
+def test_alternating_steps_match_two_sided_steps():
+  # The default alternating one-sided steps reach the same recovery as the
+  # two-sided (one block power step per step) M-step.
+  W, W_primes = lora_stack(4, 192, 160, n=5, rank=8)
+  W_alt, _ = dj.spectral_detuning(W_primes, rank=8, steps=300)
+  W_two, _ = dj.spectral_detuning(W_primes, rank=8, steps=300,
+                                  alternate=False)
+  assert float(dj.w_error(W_alt, W)) <= -15.0
+  assert abs(float(dj.w_error(W_alt, W)) - float(dj.w_error(W_two, W))) < 0.5
+  np.testing.assert_allclose(W_alt, W_two, atol=1e-6)
