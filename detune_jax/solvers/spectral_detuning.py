@@ -145,8 +145,9 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
   ``q``) and ``W = W_bar - E`` with ``E = mean_i M_i``. A residual
   ``W'_i - W = D_i + E`` is never formed for the ``"subspace"`` method: its
   products with thin matrices are ``D_i X + E X`` with ``E X`` done through
-  the factors, so each step touches the dense stack in exactly two thin
-  products per LoRA (``D_i V_i`` and ``Q_i^T D_i``).
+  the factors, so each step touches the dense stack in thin products only:
+  one per LoRA (``D_i V_i`` or ``U_i^T D_i``) with ``alternate``, two
+  (``D_i V_i`` and ``Q_i^T D_i``) without.
   """
   n, d, k = D.shape
   r_end = max(ranks)
@@ -196,15 +197,13 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
       V = jax.vmap(lowrank.orthonormalize)(V)
       Y_d = jnp.einsum("ndk,nkq->ndq", D, V)                     # D_i V_i
       Y = Y_d + apply_e(state, V)
-      lam, w = jnp.linalg.eigh(jnp.einsum("ndq,ndp->nqp", Y, Y))
-      lam, w = lam[:, ::-1], w[:, :, ::-1]
-      S = jnp.sqrt(jnp.maximum(lam, 0.0))
-      # Columns of U = Y w / S are orthonormal to rounding only where S is
-      # well above float32 noise (the left step relies on it): the cut of
-      # lowrank.orthonormalize, 1e-6 on the eigenvalues of the Gram matrix.
-      keep = lam > 1e-6 * lam[:, :1]
-      inv = jnp.where(keep, 1.0 / jnp.where(keep, S, 1.0), 0.0)
-      U = jnp.einsum("ndq,nqp->ndp", Y, w) * inv[:, None, :]
+      # Y_i = U_i diag(S) w_i^T from the Gram matrix of Y_i (svd_rows of
+      # Y_i^T). Columns of U are orthonormal to rounding only where S is
+      # well above float32 noise (the left step relies on it): rtol 1e-3 on
+      # S is the cut of lowrank.orthonormalize (1e-6 on the eigenvalues);
+      # the columns below it are zero.
+      w, S, U = jax.vmap(lowrank.svd_rows, in_axes=(0, None, None))(
+          jnp.swapaxes(Y, 1, 2), jnp.zeros((d, qw), jnp.float32), 1e-3)
       V_new = jnp.einsum("nkq,nqp->nkp", V, w)
       # diag(U_i^T D_i V_new_i) = diag(U_i^T (D_i V_i) w_i).
       DV = jnp.einsum("ndp,ndq,nqp->np", U, Y_d, w)
@@ -301,6 +300,11 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
     c = (jnp.asarray(1, jnp.int32), fac0, sched1, loss_tr.at[0].set(loss0),
          rank_tr.at[0].set(cur0), werr_tr, loss0, jnp.asarray(False))
 
+  def converged(cur, prev_loss, loss):
+    if tol is None:
+      return jnp.asarray(False)
+    return jnp.all(cur == ranks_arr) & (prev_loss - loss <= tol * prev_loss)
+
   def body(c):
     t, fac, sched, loss_tr, rank_tr, werr_tr, prev_loss, _ = c
     cur, fac_new, loss, w_err, _ = step(t, fac, fac[1], sched)
@@ -310,11 +314,6 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
       werr_tr = werr_tr.at[t].set(w_err)
     return (t + 1, fac_new, sched, loss_tr.at[t].set(loss),
             rank_tr.at[t].set(cur), werr_tr, loss, done)
-
-  def converged(cur, prev_loss, loss):
-    if tol is None:
-      return jnp.asarray(False)
-    return jnp.all(cur == ranks_arr) & (prev_loss - loss <= tol * prev_loss)
 
   def body_alternating(c, bound, last_phase):
     """Two steps, each one pass over the stack: right, then left.
@@ -382,7 +381,7 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
   # into the consumers, so no second dense buffer holds the quotient.
   S = jnp.einsum("jdq,jkq->dk", P, V)
   S, res2 = _refine(D, S, P, V, refine)
-  W = _compose(W_bar, stack_mean(D), S / n)
+  W = _compose(W_bar, stack_mean(D) if mean_d is None else mean_d, S / n)
   last = t - 1
   if not exact_loss:
     # The trace's values below ~1e-7 of sum_i ||D_i||^2 / (n d k) are float32
