@@ -23,6 +23,7 @@ from detune_jax.solvers import (Diagnostics, RankEstimate, RankEstimationError,
                                 RankSchedule, RankScheduleState,
                                 estimate_rank, estimate_rank_details,
                                 is_finetuned, lora_ft_w_error, mean_lora,
+                                precompile,
                                 rank_schedule_init, rank_schedule_step,
                                 spectral_detuning, truncated_svd)
 from detune_jax.solvers import (GridDiagnostics, IntersectionDiagnostics,

@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Dict, List, Sequence, Tuple
 
@@ -33,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from detune_jax import parallel
+from detune_jax import memory, parallel
+from detune_jax.solvers.spectral_detuning import precompile
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("cases", ["vit", "sd", "mistral"], "Cases to run.")
@@ -42,6 +44,8 @@ flags.DEFINE_integer("repeats", 3, "Timed repeats per case and method "
 flags.DEFINE_integer("layers", 0, "If > 0, at most this many layers of each "
                      "shape (a quick run).")
 flags.DEFINE_integer("steps", 300, "Optimisation steps (ViT and SD cases).")
+flags.DEFINE_bool("mistral_cache", True, "Mistral case: also run "
+                  "detune_jax with a warm persistent compilation cache.")
 flags.DEFINE_integer("mistral_steps", 30, "Optimisation steps of the "
                      "Mistral-shaped case (memory does not depend on it).")
 flags.DEFINE_integer("seed", 0, "Seed of the synthetic stacks.")
@@ -312,28 +316,39 @@ def run_reference(groups, r, steps) -> Dict:
 # --------------------------------------------------------------- memory case
 
 def _rss_kb(field: str) -> int:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(field + ":"):
-        return int(line.split()[1])
-  return -1
+  return memory.resident_bytes(field) // 1024
 
 
 def memory_child(method: str) -> Dict:
-  """One method on the Mistral-shaped layer, in this (fresh) process."""
+  """One method on the Mistral-shaped layer, in this (fresh) process.
+
+  Two baselines: right after the imports (the target's), and after the
+  runtime has started (torch: the same; jax: its CPU client and one tiny
+  program, the memory every jax process holds before its first solve).
+  detune_jax compiles its solver from the stack's shape before the stack
+  is made (:func:`detune_jax.precompile`), as ``experiments.recover`` does.
+  """
   if method == "reference":
     import torch  # pylint: disable=g-import-not-at-top
     from experiments import reference_torch  # pylint: disable=g-import-not-at-top
   after_imports = _rss_kb("VmRSS")
+  [((d, k), count)], n, r = CASES["mistral"]
+  steps = FLAGS.mistral_steps
+  if method != "reference":
+    jax.block_until_ready(jnp.zeros(()) + 1)
+  after_runtime = _rss_kb("VmRSS")
+  if method != "reference":
+    precompile((count, n, d, k), r, steps, svd=FLAGS.svd)
+  after_compile = _rss_kb("VmRSS")
   (W, Wp), = make_case("mistral", FLAGS.seed)[0]     # [1, d, k], [1, n, d, k]
   jax.block_until_ready(Wp)
   # The ground truth is regenerated from the seed after the solve: the
   # solver's peak is measured with the stack alone in memory.
   del W
   after_stack = _rss_kb("VmHWM")
-  [((d, k), count)], n, r = CASES["mistral"]
+  # Generating the stack compiled small programs: their heap goes back too.
+  memory.trim_heap()
   input_bytes = Wp.size * 4
-  steps = FLAGS.mistral_steps
   start = time.perf_counter()
   if method == "reference":
     Wp_t = torch.from_numpy(np.asarray(Wp)[0])  # shares the stack's buffer
@@ -345,24 +360,35 @@ def memory_child(method: str) -> Dict:
                                      donate_input=True)
     del Wp
     W_rec = np.asarray(W_rec[0])
-    seconds = time.perf_counter() - start  # includes compilation
+    seconds = time.perf_counter() - start
   peak = _rss_kb("VmHWM")
   W_np = np.asarray(_base_jit(FLAGS.seed * 1000, count, d, k))[0]
   err = float(np.log10(max(np.mean((W_rec - W_np) ** 2), 1e-30)))
+  kib = 1024
   return dict(method=method, seconds=seconds, steps=steps, w_error=err,
-              peak_minus_imports_bytes=(peak - after_imports) * 1024,
+              peak_minus_imports_bytes=(peak - after_imports) * kib,
+              runtime_bytes=(after_runtime - after_imports) * kib,
+              compiled_bytes=(after_compile - after_runtime) * kib,
               stack_peak_minus_imports_bytes=(after_stack - after_imports)
-              * 1024,
+              * kib,
               input_bytes=input_bytes,
-              ratio=(peak - after_imports) * 1024 / input_bytes)
+              ratio=(peak - after_imports) * kib / input_bytes,
+              ratio_after_runtime=(peak - after_runtime) * kib / input_bytes,
+              cache=bool(os.environ.get("JAX_COMPILATION_CACHE_DIR")))
 
 
-def run_memory_case(method: str) -> Dict:
+def run_memory_case(method: str, cache_dir: str = "") -> Dict:
   cmd = [sys.executable, "-m", "experiments.bench_solver",
          f"--_memory_child={method}", f"--seed={FLAGS.seed}",
          f"--mistral_steps={FLAGS.mistral_steps}", f"--svd={FLAGS.svd}"]
+  env = dict(os.environ)
+  if cache_dir:
+    # jax's persistent compilation cache, every program in it.
+    env.update(JAX_COMPILATION_CACHE_DIR=cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
   out = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                       env=dict(os.environ))
+                       env=env)
   if out.returncode != 0:
     raise RuntimeError(f"memory child {method} failed:\n{out.stderr[-3000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -403,18 +429,28 @@ def main(argv: Sequence[str]) -> None:
   for case in FLAGS.cases:
     if case == "mistral":
       res = {"detune_jax": run_memory_case("detune_jax")}
+      if FLAGS.mistral_cache:
+        with tempfile.TemporaryDirectory() as cache_dir:
+          run_memory_case("detune_jax", cache_dir)         # fills the cache
+          res["detune_jax_cached"] = run_memory_case("detune_jax", cache_dir)
       if torch is not None:
         res["reference"] = run_memory_case("reference")
       results[case] = res
       print(f"\n== mistral: 1 layer 4096x4096, n=12, r=64, "
-            f"{FLAGS.mistral_steps} steps (fresh process per method)")
+            f"{FLAGS.mistral_steps} steps (fresh process per method; "
+            f"detune_jax_cached: compiled programs read from jax's "
+            f"persistent cache, as on a second run)")
       for m, v in res.items():
-        print(f"  {m:11s} wall {v['seconds']:8.2f} s  s/step "
-              f"{v['seconds'] / v['steps']:7.3f}  W-Error {v['w_error']:7.2f}  "
-              f"peak-imports {v['peak_minus_imports_bytes'] / 2**20:7.0f} MiB "
-              f"= {v['ratio']:.2f}x input ({v['input_bytes'] / 2**20:.0f} MiB; "
-              f"making the stack alone peaked at "
-              f"{v['stack_peak_minus_imports_bytes'] / v['input_bytes']:.2f}x)")
+        print(f"  {m:17s} wall {v['seconds']:7.2f} s  s/step "
+              f"{v['seconds'] / v['steps']:6.3f}  W-Error {v['w_error']:7.2f}"
+              f"  peak-imports {v['peak_minus_imports_bytes'] / 2**20:5.0f} "
+              f"MiB = {v['ratio']:.2f}x input "
+              f"({v['input_bytes'] / 2**20:.0f} MiB); "
+              f"{v['ratio_after_runtime']:.2f}x above the started runtime "
+              f"({v['runtime_bytes'] / 2**20:.0f} MiB); compiled programs "
+              f"kept {v['compiled_bytes'] / 2**20:.0f} MiB; making the "
+              f"stack peaked at "
+              f"{v['stack_peak_minus_imports_bytes'] / v['input_bytes']:.2f}x")
       continue
     groups, n, r = make_case(case, FLAGS.seed, FLAGS.layers)
     n_layers = sum(int(W.shape[0]) for W, _ in groups)

@@ -1,5 +1,7 @@
 """Spectral DeTuning on synthetic LoRA stacks: accuracy, properties, API."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -201,3 +203,41 @@ def test_alternating_steps_with_per_lora_ranks():
                                   alternate=False)
   assert float(dj.w_error(W_alt, W)) <= -17.0
   assert abs(float(dj.w_error(W_alt, W)) - float(dj.w_error(W_two, W))) < 0.5
+
+
+def test_precompile_compiles_before_the_stack_exists(caplog):
+  # A later call on a stack of that shape and those options compiles no
+  # solver program: the compile (and its heap) comes before the stack.
+  W, W_primes = lora_stack(6, 72, 56, n=5, rank=4)
+  dj.precompile((1,) + W_primes.shape, 4, 200)
+  stack = jnp.asarray(W_primes, jnp.float32)[None]
+  with jax.log_compiles(True), caplog.at_level("WARNING"):
+    W_rec, _ = dj.spectral_detuning(stack, 4, 200)
+    W_rec.block_until_ready()
+  compiled = [r.getMessage() for r in caplog.records
+              if "_solve" in r.getMessage() or "_mean" in r.getMessage()
+              or "_subtract" in r.getMessage()]
+  assert not compiled, compiled
+  assert float(dj.w_error(W_rec[0], W)) <= -12.0
+  with pytest.raises(ValueError, match="shape must be"):
+    dj.precompile((72, 56), 4)
+  with pytest.raises(ValueError, match="at least 2"):
+    dj.precompile((1, 72, 56), 4)
+
+
+def test_blocked_products_match_one_block(monkeypatch):
+  # Large stacks take Q_i^T D_i, the refinement's residuals and sum_i M_i
+  # a block of rows at a time (with a remainder block); tiny blocks here
+  # must give the one-block result up to float32 summation order.
+  sd_mod = importlib.import_module("detune_jax.solvers.spectral_detuning")
+  W, W_primes = lora_stack(8, 100, 64, n=4, rank=6)
+  W_one, d_one = dj.spectral_detuning(W_primes, 6, 200)
+  monkeypatch.setattr(sd_mod, "_LEFT_BLOCKED_ELEMS", 0)
+  monkeypatch.setattr(sd_mod, "_LEFT_BLOCK_ELEMS", 4 * 64 * 7)    # 7 rows
+  monkeypatch.setattr(sd_mod, "_REFINE_BLOCK_ELEMS", 64 * 9)     # 9 rows
+  jax.clear_caches()
+  W_blk, d_blk = dj.spectral_detuning(W_primes, 6, 200)
+  jax.clear_caches()
+  assert float(dj.w_error(W_blk, W)) <= -15.0
+  np.testing.assert_allclose(W_blk, W_one, atol=1e-6)
+  assert float(d_blk.final_loss) < 1e-15 and float(d_one.final_loss) < 1e-15

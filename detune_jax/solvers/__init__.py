@@ -9,7 +9,8 @@ from detune_jax.solvers.rank_estimation import (RankEstimate,
                                                 estimate_rank_details)
 from detune_jax.solvers.schedule import (RankSchedule, RankScheduleState,
                                          rank_schedule_init, rank_schedule_step)
-from detune_jax.solvers.spectral_detuning import Diagnostics, spectral_detuning
+from detune_jax.solvers.spectral_detuning import (Diagnostics, precompile,
+                                                  spectral_detuning)
 from detune_jax.solvers.closed_form import (IntersectionDiagnostics,
                                             NotIdentifiableError,
                                             subspace_intersection_detuning)

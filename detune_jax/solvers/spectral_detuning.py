@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from detune_jax import memory
 from detune_jax.solvers import lowrank
 from detune_jax.solvers.schedule import (RankSchedule, rank_schedule_init,
                                          rank_schedule_step)
@@ -137,6 +138,41 @@ def _lowrank_apply_t(P, V, Q):
   return jnp.einsum("ijpq,jkq->ipk", G, V) / P.shape[0]
 
 
+# The left products go by blocks of rows on stacks of more than
+# _LEFT_BLOCKED_ELEMS elements (256 MiB of float32), each block about
+# _LEFT_BLOCK_ELEMS elements (8 MiB): see _left_products.
+_LEFT_BLOCKED_ELEMS = 1 << 26
+_LEFT_BLOCK_ELEMS = 1 << 21
+
+
+def _left_products(Q, D):
+  """``Q_i^T D_i`` for every i (``[n, q, k]``), in blocks of rows of ``D``.
+
+  As one product XLA:CPU packs the whole ``D_i`` (the operand whose rows
+  are summed over) into a scratch copy: on a 12 x 4096 x 4096 stack about
+  130 MiB of memory beside the stack. A block of rows of every ``D_i`` at a
+  time needs only the block's packing (each block is a copy: the rows of
+  every ``D_i``). Stacks up to ``_LEFT_BLOCKED_ELEMS`` (ViT and SD layers)
+  keep the single product, which is faster.
+  """
+  n, d, k = D.shape
+  rows = max(1, _LEFT_BLOCK_ELEMS // max(n * k, 1))
+  if n * d * k <= _LEFT_BLOCKED_ELEMS or rows >= d:
+    return jnp.einsum("ndq,ndk->nqk", Q, D)
+  full, rest = d // rows, d % rows
+
+  def block(r0, size, acc):
+    Db = jax.lax.dynamic_slice_in_dim(D, r0, size, axis=1)
+    Qb = jax.lax.dynamic_slice_in_dim(Q, r0, size, axis=1)
+    return acc + jnp.einsum("ndq,ndk->nqk", Qb, Db)
+
+  acc = jnp.zeros((n, Q.shape[-1], k), jnp.float32)
+  acc = jax.lax.fori_loop(0, full, lambda b, a: block(b * rows, rows, a), acc)
+  if rest:
+    acc = block(full * rows, rest, acc)
+  return acc
+
+
 def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
                  svd, tol, niter, oversample, exact_loss, refine, alternate):
   """Spectral DeTuning for one layer given ``D = W'_i - W_bar`` (traceable).
@@ -214,7 +250,7 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
       else:
         Y = jnp.einsum("ndk,nkq->ndq", D, V) + apply_e(state, V)
         Q = jax.vmap(lowrank.orthonormalize)(Y)
-      B_d = jnp.einsum("ndq,ndk->nqk", Q, D)                     # Q_i^T D_i
+      B_d = _left_products(Q, D)                                 # Q_i^T D_i
       u, S, V_new = jax.vmap(lowrank.svd_rows, in_axes=(0, None))(
           B_d + apply_e_t(state, Q), omega[:, :qw])
       U = jnp.einsum("ndq,nqp->ndp", Q, u)
@@ -277,7 +313,7 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
     for _ in range(niter + 1):
       Y = jnp.einsum("ndk,nkq->ndq", D, V) + apply_e(None, V)
       Qy = jnp.linalg.qr(Y)[0]
-      Z = jnp.einsum("ndq,ndk->nqk", Qy, D) + apply_e_t(None, Qy)
+      Z = _left_products(Qy, D) + apply_e_t(None, Qy)
       V = jnp.linalg.qr(jnp.swapaxes(Z, 1, 2))[0]
 
   trace = W_true is not None
@@ -379,8 +415,7 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
   t, (P, V), _, loss_tr, rank_tr, werr_tr, loss, _ = c
   # n E (the sum of the M_i, not their mean): the division by n is fused
   # into the consumers, so no second dense buffer holds the quotient.
-  S = jnp.einsum("jdq,jkq->dk", P, V)
-  S, res2 = _refine(D, S, P, V, refine)
+  S, res2 = _refine(D, P, V, refine)
   W = _compose(W_bar, stack_mean(D) if mean_d is None else mean_d, S / n)
   last = t - 1
   if not exact_loss:
@@ -407,18 +442,18 @@ def _row_blocks(d: int, k: int):
   return rows, d // rows, d % rows
 
 
-def _residual_sweep(D, S, U, K, L, Vo, i, update: bool):
+def _residual_sweep(D, S, U, K, L, Vt, i, update: bool):
   """One LoRA's refinement: ``N = D_i + E - M_i`` block of rows by block.
 
-  ``E = S / n``, ``M_i = U_i K_i + L_i V_i^T``. Returns ``(A, B, ||N||^2)`` with ``A =
+  ``E = S / n``, ``M_i = U_i K_i + L_i V_i^T`` (``Vt = V^T``). Returns ``(A, B, ||N||^2)`` with ``A =
   U_i^T N`` ``[q, k]`` and ``B = N V_i`` ``[d, q]`` (``None`` unless
   ``update``). Each block of ``N`` is formed at its own small scale (the
   point of the refinement) and dropped after its two thin products.
   """
   n, d, k = D.shape
-  Ui, Vi, Ki, Li = U[i], Vo[i], K[i], L[i]
+  Ui, Vi, Ki, Li = U[i], Vt[i].T, K[i], L[i]
   left = jnp.concatenate([Ui, Li], 1)                             # [d, 2q]
-  right = jnp.concatenate([Ki, Vi.T], 0)                          # [2q, k]
+  right = jnp.concatenate([Ki, Vt[i]], 0)                         # [2q, k]
   q = Ui.shape[1]
   rows, full, rest = _row_blocks(d, k)
 
@@ -447,7 +482,7 @@ def _residual_sweep(D, S, U, K, L, Vo, i, update: bool):
   return carry
 
 
-def _refine(D, S, P, V, iters):
+def _refine(D, P, V, iters):
   """Float32 iterative refinement of the converged M-step and W-step.
 
   In float32 the M-step's products (sums over ``k`` terms) carry relative
@@ -466,35 +501,39 @@ def _refine(D, S, P, V, iters):
 
   Args:
     D: ``[n, d, k]`` deviations ``W'_i - W_bar``.
-    S: ``[d, k]`` current ``sum_i M_i`` (``n E``; kept as the sum so that
-      no dense buffer holds ``E`` apart from it).
     P, V: ``[n, d, q]``, ``[n, k, q]`` factors ``M_i = P_i V_i^T``
       (zero columns of ``P`` are inactive).
     iters: number of refinement iterations (static; 0 returns ``S``).
 
   Returns:
-    ``(S, res2)``: the refined ``S`` and ``sum_i ||D_i + E - M_i||^2`` of
-    the state before the refinement.
+    ``(S, res2)``: the refined ``S = sum_i M_i`` (``n E``; kept as the sum
+    so that no dense buffer holds ``E`` apart from it) and ``sum_i ||D_i +
+    E - M_i||^2`` of the state before the refinement.
   """
   n, d, k = D.shape
   active = jnp.sum(P * P, axis=1) > 0                                # [n, q]
   U = jax.vmap(lowrank.orthonormalize)(P)
-  Vo = jax.vmap(lowrank.orthonormalize)(V * active[:, None, :])
+  # V^T of the orthonormalized V: the sums over LoRAs and columns below
+  # then read the factors in place (no transposed copies of them).
+  Vt = jnp.swapaxes(
+      jax.vmap(lowrank.orthonormalize)(V * active[:, None, :]), 1, 2)
   # M_i = P_i V_i^T = U_i K_i with K_i = (U_i^T P_i) V_i^T; L_i = 0.
   K = jnp.einsum("ndq,ndp,nkp->nqk", U, P, V)
   L = jnp.zeros_like(P)
+  # S = sum_i M_i, a block of rows at a time.
+  S = _sum_of_factors(jnp.zeros((d, k), jnp.float32), U, K, None, Vt)
 
   def visit(i, c, S_old):
     K, L, res2 = c
-    A, B, r2 = _residual_sweep(D, S_old, U, K, L, Vo, i, update=True)
+    A, B, r2 = _residual_sweep(D, S_old, U, K, L, Vt, i, update=True)
     Ki = K[i] + A
-    Li = L[i] + (B - U[i] @ (A @ Vo[i]))
+    Li = L[i] + (B - U[i] @ (A @ Vt[i].T))
     return (K.at[i].set(Ki), L.at[i].set(Li), res2 + r2)
 
   if iters == 0:
     # Only the residual norms of the unrefined state.
     res2 = jax.lax.fori_loop(
-        0, n, lambda i, r: r + _residual_sweep(D, S, U, K, L, Vo, i,
+        0, n, lambda i, r: r + _residual_sweep(D, S, U, K, L, Vt, i,
                                                 update=False)[2],
         jnp.zeros((), jnp.float32))
     return S, res2
@@ -504,11 +543,32 @@ def _refine(D, S, P, V, iters):
     K, L, r2 = jax.lax.fori_loop(0, n, functools.partial(visit, S_old=S), c0)
     if j == 0:
       res2 = r2
-    # S = sum_i (U_i K_i + L_i V_i^T): one product of the stacked factors,
-    # formed after the sweep (the old S is dead by then).
-    S = jnp.einsum("ndp,npk->dk", jnp.concatenate([U, L], 2),
-                   jnp.concatenate([K, jnp.swapaxes(Vo, 1, 2)], 1))
+    # S = sum_i (U_i K_i + L_i V_i^T), written a block of rows at a time
+    # over the old S (dead after the sweep): no second dense buffer.
+    S = _sum_of_factors(S, U, K, L, Vt)
   return S, res2
+
+
+def _sum_of_factors(S, U, K, L, Vt):
+  """``sum_i U_i K_i + L_i V_i^T`` written over ``S`` in blocks of rows.
+
+  ``L = None`` stands for zeros; ``Vt = V^T`` (``[n, q, k]``).
+  """
+  d, k = S.shape
+  rows, full, rest = _row_blocks(d, k)
+
+  def block(r0, size, S):
+    Ub = jax.lax.dynamic_slice_in_dim(U, r0, size, axis=1)
+    value = jnp.einsum("ndp,npk->dk", Ub, K)
+    if L is not None:
+      Lb = jax.lax.dynamic_slice_in_dim(L, r0, size, axis=1)
+      value = value + jnp.einsum("ndp,npk->dk", Lb, Vt)
+    return jax.lax.dynamic_update_slice_in_dim(S, value, r0, axis=0)
+
+  S = jax.lax.fori_loop(0, full, lambda b, S: block(b * rows, rows, S), S)
+  if rest:
+    S = block(full * rows, rest, S)
+  return S
 
 
 def rank_levels(schedule: RankSchedule, end_rank: int) -> tuple[int, ...]:
@@ -690,15 +750,11 @@ def spectral_detuning(W_primes, rank: Rank, steps: int = 300, *,
   """
   owned = not isinstance(W_primes, jax.Array)
   W_primes = check_stack(W_primes)
-  n, d, k = W_primes.shape[-3:]
-  if n < 2:
-    raise ValueError(f"need at least 2 fine-tuned matrices, got {n}")
-  if steps < 1:
-    raise ValueError(f"steps must be >= 1, got {steps}")
-  if svd not in lowrank.SVD_METHODS:
-    raise ValueError(f"unknown svd method {svd!r}; expected one of "
-                     f"{lowrank.SVD_METHODS}")
-  ranks = normalize_ranks(rank, n, d, k)
+  statics = _static_options(
+      W_primes.shape, rank, steps, schedule=schedule, svd=svd, tol=tol,
+      niter=niter, oversample=oversample, exact_loss=exact_loss,
+      refine=refine, alternate=alternate)
+  d, k = W_primes.shape[-2:]
   if init is not None:
     init = jnp.asarray(init, jnp.float32)
     if init.shape != W_primes.shape[:-3] + (d, k):
@@ -715,8 +771,69 @@ def spectral_detuning(W_primes, rank: Rank, steps: int = 300, *,
   del W_primes
   stop = jnp.asarray(steps if stop_after is None
                      else max(1, min(int(stop_after), int(steps))), jnp.int32)
-  return _solve(D, W_bar, jax.random.key(seed), init, W_true, stop,
-                ranks=ranks, steps=int(steps), schedule=schedule, svd=svd,
-                tol=None if tol is None else float(tol), niter=int(niter),
-                oversample=int(oversample), exact_loss=bool(exact_loss),
-                refine=int(refine), alternate=bool(alternate))
+  return _solve(D, W_bar, jax.random.key(seed), init, W_true, stop, **statics)
+
+
+def _static_options(shape, rank, steps, *, schedule, svd, tol, niter,
+                    oversample, exact_loss, refine, alternate) -> dict:
+  """Checks a call's arguments; returns the static arguments of ``_solve``."""
+  n, d, k = shape[-3:]
+  if n < 2:
+    raise ValueError(f"need at least 2 fine-tuned matrices, got {n}")
+  if steps < 1:
+    raise ValueError(f"steps must be >= 1, got {steps}")
+  if svd not in lowrank.SVD_METHODS:
+    raise ValueError(f"unknown svd method {svd!r}; expected one of "
+                     f"{lowrank.SVD_METHODS}")
+  return dict(ranks=normalize_ranks(rank, n, d, k), steps=int(steps),
+              schedule=schedule, svd=svd,
+              tol=None if tol is None else float(tol), niter=int(niter),
+              oversample=int(oversample), exact_loss=bool(exact_loss),
+              refine=int(refine), alternate=bool(alternate))
+
+
+def precompile(shape: Sequence[int], rank: Rank, steps: int = 300, *,
+               schedule: RankSchedule = RankSchedule(),
+               svd: str = "subspace",
+               tol: Optional[float] = None,
+               seed: int = 0,
+               niter: int = 2,
+               oversample: int = 0,
+               exact_loss: bool = False,
+               refine: int = 2,
+               alternate: bool = True,
+               trim: bool = True) -> None:
+  """Compiles :func:`spectral_detuning` for a stack shape before it exists.
+
+  A later ``spectral_detuning`` call on a float32 stack of ``shape`` with
+  the same options (and no ``init``/``W_true``) reuses the compiled
+  programs. XLA's compiler takes a few hundred MiB of heap for the larger
+  programs and glibc keeps it after the compile: compiling here, before the
+  stack is read, and trimming the heap afterwards (``trim``, see
+  :mod:`detune_jax.memory`) keeps that memory out of the solve's peak. On
+  the Mistral-shaped layer (12 x 4096 x 4096) the peak above the imports
+  falls from 1.77x to about 1.5x the stack (``docs/results.md``).
+
+  Args:
+    shape: ``(n, d, k)`` or ``(L, n, d, k)``.
+    rank, steps, schedule, svd, tol, seed, niter, oversample, exact_loss,
+      refine, alternate: as for :func:`spectral_detuning`.
+    trim: give the compiler's freed heap back to the OS afterwards.
+  """
+  shape = tuple(int(s) for s in shape)
+  if len(shape) not in (3, 4):
+    raise ValueError(f"shape must be (n, d, k) or (L, n, d, k), got {shape}")
+  statics = _static_options(
+      shape, rank, steps, schedule=schedule, svd=svd, tol=tol, niter=niter,
+      oversample=oversample, exact_loss=exact_loss, refine=refine,
+      alternate=alternate)
+  stack = jax.ShapeDtypeStruct(shape, jnp.float32)
+  mean = jax.ShapeDtypeStruct(shape[:-3] + shape[-2:], jnp.float32)
+  _mean_jit.lower(stack).compile()
+  for sub in (_subtract_jit, _subtract_donating):
+    sub.lower(stack, mean).compile()
+  stop = jax.ShapeDtypeStruct((), jnp.int32)
+  _solve.lower(stack, mean, jax.random.key(seed), None, None, stop,
+               **statics).compile()
+  if trim:
+    memory.trim_heap()
