@@ -337,8 +337,9 @@ def memory_child(method: str) -> Dict:
   if method != "reference":
     jax.block_until_ready(jnp.zeros(()) + 1)
   after_runtime = _rss_kb("VmRSS")
+  analysis = {}
   if method != "reference":
-    precompile((count, n, d, k), r, steps, svd=FLAGS.svd)
+    analysis = precompile((count, n, d, k), r, steps, svd=FLAGS.svd)
   after_compile = _rss_kb("VmRSS")
   (W, Wp), = make_case("mistral", FLAGS.seed)[0]     # [1, d, k], [1, n, d, k]
   jax.block_until_ready(Wp)
@@ -374,6 +375,8 @@ def memory_child(method: str) -> Dict:
               input_bytes=input_bytes,
               ratio=(peak - after_imports) * kib / input_bytes,
               ratio_after_runtime=(peak - after_runtime) * kib / input_bytes,
+              xla_temp_bytes=analysis.get("temp_bytes", 0),
+              xla_alias_bytes=analysis.get("alias_bytes", 0),
               cache=bool(os.environ.get("JAX_COMPILATION_CACHE_DIR")))
 
 
@@ -451,6 +454,15 @@ def main(argv: Sequence[str]) -> None:
               f"kept {v['compiled_bytes'] / 2**20:.0f} MiB; making the "
               f"stack peaked at "
               f"{v['stack_peak_minus_imports_bytes'] / v['input_bytes']:.2f}x")
+        if m.startswith("detune_jax"):
+          mib = lambda x: x / 2**20
+          parts = dict(runtime=v["runtime_bytes"],
+                       compiled=v["compiled_bytes"], stack=v["input_bytes"],
+                       mean_then_W=v["xla_alias_bytes"],
+                       xla_temporaries=v["xla_temp_bytes"])
+          parts["other"] = v["peak_minus_imports_bytes"] - sum(parts.values())
+          print("    breakdown of the peak (MiB): " + ", ".join(
+              f"{key} {mib(x):.0f}" for key, x in parts.items()))
       continue
     groups, n, r = make_case(case, FLAGS.seed, FLAGS.layers)
     n_layers = sum(int(W.shape[0]) for W, _ in groups)

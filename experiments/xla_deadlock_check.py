@@ -2,9 +2,10 @@ r"""Counts hangs of one SD-shaped batched solve with and without the flag.
 
 XLA:CPU's concurrency-optimized scheduler intermittently deadlocked the
 batched solver (every thread idle in a futex wait); ``import detune_jax``
-turns it off unless ``XLA_FLAGS`` names it. This runs the solve that hung
-(one 640x768 layer, n=5, r=32, 10 steps, under vmap) ``--runs`` times in
-fresh processes with the scheduler on and off and prints the number of runs
+turns it off unless ``XLA_FLAGS`` names it. This runs a solve like the one
+that hung (one 640x768 layer, n=5, r=32, 10 steps, under vmap; a single
+layer is now solved without vmap, so two such layers here) ``--runs`` times
+in fresh processes with the scheduler on and off and prints the number of runs
 that did not finish within ``--timeout`` seconds.
 
   python -m experiments.xla_deadlock_check --runs=10
@@ -27,7 +28,7 @@ flags.DEFINE_integer("timeout", 40, "Seconds after which a run counts as hung.")
 _CHILD = """
 import jax, detune_jax as dj
 from experiments import bench_solver as b
-W, Wp = b.make_stack(0, 1, 5, 640, 768, 32)
+W, Wp = b.make_stack(0, 2, 5, 640, 768, 32)
 jax.block_until_ready(dj.spectral_detuning(Wp, 32, steps=10, refine=1))
 """
 

