@@ -68,6 +68,7 @@ from detune_jax.io.progress import (RUN_FILE, Progress, fingerprint, read_json,
 from detune_jax.io.safetensors_io import DTYPES, FLOAT_DTYPES, SafetensorsWriter
 from detune_jax.parallel import solve_layers
 from detune_jax.solvers import detection, grid, rank_estimation, registry
+from detune_jax.solvers.spectral_detuning import precompile
 
 FORMAT_VERSION = 1
 REPORT_FILE = "report.json"
@@ -490,12 +491,17 @@ def solve_group(group: Group, inputs: Inputs, plans: Dict[str, TensorPlan],
   d, k = group.matrix_shape
   n = len(inputs.models)
   L = len(group.names)
+  ranks = group.ranks
+  rank_arg = ranks[0] if len(set(ranks)) == 1 else tuple(ranks)
+  if (config.solver == "spectral_detuning" and not config.solver_options
+      and len(jax.local_devices()) == 1):
+    # Compile from the shape before the stack is read, and give the
+    # compiler's heap back (a cache hit for later groups of this shape).
+    precompile((L, n, d, k), rank_arg, config.steps, seed=config.seed)
   stack = np.empty((L, n, d, k), np.float32)
   for l, name in enumerate(group.names):
     for i, m in enumerate(inputs.models):
       stack[l, i] = np.asarray(m.read(name), np.float32).reshape(d, k)
-  ranks = group.ranks
-  rank_arg = ranks[0] if len(set(ranks)) == 1 else tuple(ranks)
   dtypes = {plans[name].dtype for name in group.names}
   grid_opts = {"dtype_aware": False}
   if config.dtype_aware and len(dtypes) == 1:

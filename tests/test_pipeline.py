@@ -255,13 +255,21 @@ def test_bf16_release_is_refined_on_the_grid_by_default(tmp_path):
 
 
 def test_iterative_solver_reports_its_steps_and_loss_curve(tiny_models,
-                                                           tmp_path):
+                                                           tmp_path,
+                                                           monkeypatch):
   models, base = tiny_models
+  # The solver is compiled from each group's shape before its stack is read.
+  shapes = []
+  real = pipeline.precompile
+  monkeypatch.setattr(pipeline, "precompile",
+                      lambda shape, *a, **kw: (shapes.append(shape),
+                                               real(shape, *a, **kw))[1])
   report = pipeline.recover(_config(models, tmp_path / "out",
                                     ground_truth=base,
                                     solver="spectral_detuning"),
                             progress_bar=False)
   assert report["solver"] == "spectral_detuning" and report["w_error"] < -10
+  assert shapes and all(len(s) == 4 and s[1] == len(models) for s in shapes)
   for layer in report["layers"]:
     assert 0 < layer["steps"] <= STEPS
     assert len(layer["loss_curve"]) == layer["steps"]

@@ -234,7 +234,8 @@ def test_blocked_products_match_one_block(monkeypatch):
   W_one, d_one = dj.spectral_detuning(W_primes, 6, 200)
   monkeypatch.setattr(sd_mod, "_LEFT_BLOCKED_ELEMS", 0)
   monkeypatch.setattr(sd_mod, "_LEFT_BLOCK_ELEMS", 64 * 7)        # 7 rows
-  monkeypatch.setattr(sd_mod, "_REFINE_BLOCK_ELEMS", 64 * 9)     # 9 rows
+  monkeypatch.setattr(sd_mod, "_REFINE_BLOCK_ELEMS", 4 * 64 * 9)  # 9 rows
+  monkeypatch.setattr(sd_mod, "_REFINE_MIN_ROW_ELEMS", 1)
   jax.clear_caches()
   W_blk, d_blk = dj.spectral_detuning(W_primes, 6, 200)
   # A batch of layers (vmap) takes the blocks of every LoRA at once.
