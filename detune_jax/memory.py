@@ -2,11 +2,12 @@
 
 XLA compiles with many short-lived allocations; glibc keeps the freed memory
 in its arenas, so after a compile the process holds a few hundred MiB it no
-longer uses (measured on the Mistral-shaped solve, 4096 x 4096 x 12: 430 MiB
-of resident memory after compiling, 160 MiB after :func:`trim_heap`). A
-stack loaded after that reuses nothing of it: the peak is the stack plus the
-retained compiler memory. :func:`detune_jax.precompile` compiles before the
-stack exists and trims.
+longer uses (on the Mistral-shaped solve, 4096 x 4096 x 12, about 430 MiB
+right after compiling against about 160 MiB after :func:`trim_heap`, read
+from RSS by a one-off script; ``experiments.bench_solver`` prints what the
+compiled solver keeps after the trim). A stack loaded after that reuses
+nothing of it: the peak is the stack plus the retained compiler memory.
+:func:`detune_jax.precompile` compiles before the stack exists and trims.
 """
 
 from __future__ import annotations
