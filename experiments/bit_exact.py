@@ -27,7 +27,7 @@ import numpy as np
 
 import detune_jax as dj
 from detune_jax.solvers import registry
-from experiments import stacks
+from experiments import frontier
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("scenario", "gaussian", "gaussian (synthetic) or minilm "
@@ -45,17 +45,9 @@ flags.DEFINE_string("json_out", None, "Write the rows to this JSON file.")
 
 
 def _stack(n: int):
-  if FLAGS.scenario == "minilm":
-    root = os.path.expanduser(FLAGS.minilm_dir)
-    models = sorted(p for p in os.listdir(root) if p.startswith("ft"))[:n]
-    (_, W, Wp), = stacks.real_stacks(
-        os.path.join(root, "base"), [os.path.join(root, m) for m in models],
-        dtype="bfloat16").values()
-    return W, Wp
-  pairs = [stacks.synthetic_stack(seed, FLAGS.dim, FLAGS.dim, n, FLAGS.rank,
-                                  dtype="bfloat16")
-           for seed in range(FLAGS.layers)]
-  return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+  return frontier.scenario_stack(
+      f"{FLAGS.scenario}_bf16", n, dim=FLAGS.dim, rank=FLAGS.rank,
+      layers=FLAGS.layers, shared=0.0, minilm_dir=FLAGS.minilm_dir)
 
 
 def _row(name, n, W, W_true):
