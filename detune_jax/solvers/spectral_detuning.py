@@ -476,13 +476,14 @@ def _row_blocks(n: int, d: int, k: int, batch: int = 1):
   return rows, d // rows, d % rows
 
 
-def _for_row_blocks(n, d, k, block, carry, batch=1):
-  """``carry = block(r0, size, carry)`` over the row blocks of a stack."""
+def _for_row_blocks(n, d, k, block, carry, batch=1, first=0):
+  """``carry = block(r0, size, carry)`` over the row blocks of a stack,
+  from block ``first`` on (a caller that took block 0 itself passes 1)."""
   rows, full, rest = _row_blocks(n, d, k, batch)
-  if full == 1 and rest == 0:
+  if first == 0 and full == 1 and rest == 0:
     return block(0, d, carry)
   carry = jax.lax.fori_loop(
-      0, full, lambda b, c: block(b * rows, rows, c), carry)
+      first, full, lambda b, c: block(b * rows, rows, c), carry)
   if rest:
     carry = block(full * rows, rest, carry)
   return carry
@@ -539,15 +540,10 @@ def _sweep(D, U, K, L, V, B=None, update: bool = True, batch: int = 1):
 
   if update and B is None:
     B = jnp.zeros(U.shape, jnp.float32)
-  rows, full, rest = _row_blocks(n, d, k, batch)
+  rows = _row_blocks(n, d, k, batch)[0]
   carry = block(0, rows, (None, B if update else None,
                           jnp.zeros((), jnp.float32)))
-  if full > 1:
-    carry = jax.lax.fori_loop(
-        1, full, lambda b, c: block(b * rows, rows, c), carry)
-  if rest:
-    carry = block(full * rows, rest, carry)
-  return carry
+  return _for_row_blocks(n, d, k, block, carry, batch, first=1)
 
 
 def _refine(D, P, V, iters, batch: int = 1):
