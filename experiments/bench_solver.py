@@ -188,7 +188,7 @@ def matmul_floor(groups, q, reps: int = 20) -> Tuple[float, float]:
   return one, two
 
 
-def run_floor(groups, rank_trace: np.ndarray) -> Dict:
+def run_floor(groups, rank_trace: np.ndarray, reps: int = 20) -> Dict:
   """The matmul floor of a whole run, weighted by its working ranks.
 
   ``rank_trace``: ``[steps]`` scheduler rank of each step (the solver works
@@ -196,7 +196,7 @@ def run_floor(groups, rank_trace: np.ndarray) -> Dict:
   of the run, ``sum_t floor(q_t)``, for one and for two passes per step.
   """
   widths, counts = np.unique(rank_trace, return_counts=True)
-  per_q = {int(q): matmul_floor(groups, int(q)) for q in widths}
+  per_q = {int(q): matmul_floor(groups, int(q), reps) for q in widths}
   one = float(sum(per_q[int(q)][0] * c for q, c in zip(widths, counts)))
   two = float(sum(per_q[int(q)][1] * c for q, c in zip(widths, counts)))
   return dict(per_q=per_q, run_s=one, run_two_s=two)
@@ -212,16 +212,23 @@ def run_detune_jax(groups, r, steps) -> Dict:
   rank_trace = np.max(np.concatenate(
       [np.asarray(d.rank).reshape(-1, steps, np.asarray(d.rank).shape[-1])
        for d in diags]), axis=(0, 2))
-  walls, errs, steps_taken = [], [], []
+  walls, errs, steps_taken, floors = [], [], [], []
   for _ in range(FLAGS.repeats):
     Ws, diags, sec = _solve_groups(groups, r, steps)
     walls.append(sec)
     errs.append(_case_w_error(Ws, groups))
     steps_taken.append(max(int(np.max(d.steps)) for d in diags))
+    # The floor right after each run: the machine's speed drifts by tens of
+    # percent over minutes, so each run is compared with its own floor.
+    floors.append(run_floor(groups, rank_trace, reps=10))
+  floor = dict(floors[int(np.argsort([f["run_s"] for f in floors])[
+      len(floors) // 2])])
+  floor["ratio_one"] = [w / f["run_s"] for w, f in zip(walls, floors)]
+  floor["ratio_two"] = [w / f["run_two_s"] for w, f in zip(walls, floors)]
   return dict(walls=walls, w_error=float(np.median(errs)), trace=trace,
               steps=int(np.median(steps_taken)), rank_trace=rank_trace,
               compile_and_first_run_s=compile_s, uniform_steps=False,
-              floor=run_floor(groups, rank_trace))
+              floor=floor)
 
 
 def measure_tta(groups, r, steps, res: Dict, target: float) -> Dict:
@@ -494,11 +501,13 @@ def main(argv: Sequence[str]) -> None:
           "Q_i^T D_i) / two passes (both): " +
           ", ".join(f"q={q}: {a:.4f}/{b:.4f} s" for q, (a, b)
                     in fl["per_q"].items()))
-    print(f"  floor of the run (sum over steps at their working rank): one "
-          f"pass {fl['run_s']:.2f} s, two passes {fl['run_two_s']:.2f} s; "
-          f"detune_jax is {dj_res['wall_median'] / fl['run_s']:.2f}x the "
-          f"one-pass and {dj_res['wall_median'] / fl['run_two_s']:.2f}x the "
-          f"two-pass floor")
+    print(f"  floor of the run (sum over steps at their working rank; "
+          f"median of the floors timed after each run): one pass "
+          f"{fl['run_s']:.2f} s, two passes {fl['run_two_s']:.2f} s; "
+          f"detune_jax is {np.median(fl['ratio_one']):.2f}x the one-pass "
+          f"(runs {_fmt_list(fl['ratio_one'])}) and "
+          f"{np.median(fl['ratio_two']):.2f}x the two-pass floor (median of "
+          f"each run over the floor timed right after it)")
     if dj_res.get("tta_step"):
       print(f"  detune_jax stopped after step {dj_res['tta_step']} "
             f"(plain W-step trace reaches it at step "

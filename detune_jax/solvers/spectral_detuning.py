@@ -247,7 +247,7 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
     P, V = state
     return jnp.einsum("jdq,jkq->dk", P, V) / n
 
-  def m_step(state, V, t, side="both", U_in=None):
+  def m_step(state, V, t, side="both", U_in=None, corr=None):
     """Returns ``(U [n,d,q], S [n,q], V [n,k,q], <D_i, U_i S_i V_i^T>-helper)``.
 
     ``side`` (``"subspace"`` only): ``"both"`` takes one block power step
@@ -255,24 +255,33 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
     ``"right"`` the Rayleigh-Ritz approximation of ``R_i`` in the row space
     of ``V`` from ``R_i V_i`` alone, ``"left"`` the one in the column space
     of the orthonormal ``U_in`` from ``U_in^T R_i`` alone (one pass each).
+    ``corr``: the state's correction already formed by the previous step,
+    ``E V_i`` (``"right"``) or ``U_in_i^T E`` (``"left"``).
     """
     qw = V.shape[-1]
     if svd == "subspace" and side == "right":
-      # The Rayleigh-Ritz step needs an orthonormal V; the left step's V
-      # is one only in its informative columns (the rest are fill).
-      V = jax.vmap(lowrank.orthonormalize)(V)
-      Y_d = jnp.einsum("ndk,nkq->ndq", D, V)                     # D_i V_i
-      Y = Y_d + apply_e(state, V)
-      # Y_i = U_i diag(S) w_i^T from the Gram matrix of Y_i (svd_rows of
-      # Y_i^T). Columns of U are orthonormal to rounding only where S is
-      # well above float32 noise (the left step relies on it): rtol 1e-3 on
-      # S is the cut of lowrank.orthonormalize (1e-6 on the eigenvalues);
-      # the columns below it are zero.
-      w, S, U = jax.vmap(lowrank.svd_rows, in_axes=(0, None, None))(
-          jnp.swapaxes(Y, 1, 2), jnp.zeros((d, qw), jnp.float32), 1e-3)
-      V_new = jnp.einsum("nkq,nqp->nkp", V, w)
-      # diag(U_i^T D_i V_new_i) = diag(U_i^T (D_i V_i) w_i).
-      DV = jnp.einsum("ndp,ndq,nqp->np", U, Y_d, w)
+      # The Rayleigh-Ritz step needs an orthonormal X = V T; the left
+      # step's V is one only in its informative columns (the rest are fill).
+      # (A Cholesky factorization instead of the eigh: XLA:CPU's batched
+      # triangular solve cost as much as the pass over the stack.)
+      T = jax.vmap(lowrank.orthonormalizer)(
+          jnp.einsum("nkp,nkq->npq", V, V))
+      Z_d = jnp.einsum("ndk,nkq->ndq", D, V)                     # D_i V_i
+      Z = Z_d + (apply_e(state, V) if corr is None else corr)    # R_i V_i
+      # R_i X_i = Z_i T_i = U_i diag(S) w_i^T from its Gram matrix
+      # T^T (Z^T Z) T, without forming X or R X. Columns of U are
+      # orthonormal to rounding only where S is well above float32 noise
+      # (the left step relies on it): rtol 1e-3 on S is the cut of
+      # lowrank.orthonormalize (1e-6 on the eigenvalues); the columns below
+      # it are zero.
+      G = jnp.einsum("npq,npr,nrs->nqs", T, jnp.einsum("ndp,ndr->npr", Z, Z),
+                     T)
+      w, S, inv = jax.vmap(lowrank.svd_of_gram, in_axes=(0, None))(G, 1e-3)
+      Tw = jnp.einsum("npq,nqr->npr", T, w)
+      U = jnp.einsum("ndp,npq->ndq", Z, Tw * inv[:, None, :])
+      V_new = jnp.einsum("nkp,npq->nkq", V, Tw)
+      # diag(U_i^T D_i V_new_i) = diag(U_i^T Z_d_i T_i w_i).
+      DV = jnp.einsum("ndp,ndq,nqp->np", U, Z_d, Tw)
       return U, S, V_new, DV
     if svd == "subspace":
       if side == "left":
@@ -282,7 +291,8 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
         Q = jax.vmap(lowrank.orthonormalize)(Y)
       B_d = _left_products(Q, D, batch)                          # Q_i^T D_i
       u, S, V_new = jax.vmap(lowrank.svd_rows, in_axes=(0, None))(
-          B_d + apply_e_t(state, Q), omega[:, :qw])
+          B_d + (apply_e_t(state, Q) if corr is None else corr),
+          omega[:, :qw])
       U = jnp.einsum("ndq,nqp->ndp", Q, u)
       # diag(U_i^T D_i V_i), for <D_i, M_i> of the loss from norms.
       DV = jnp.einsum("nqp,nqk,nkp->np", u, B_d, V_new)
@@ -315,18 +325,42 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
     total = sum_d2 - 2.0 * jnp.sum(S_m * DV) + m2 - n * e2
     return jnp.maximum(total, 0.0) * scale
 
-  def step(t, state, V, sched, side="both", U_in=None):
+  def loss_of_products(S_m, DV, em):
+    """Eq. 3 from norms as :func:`loss_of`, with no ``n x n`` Gram matrices:
+    ``n ||E||^2 = sum_i <E, M_i>`` from ``em[i] = <E, M_i>``, read off a
+    product with ``E`` that the next step needs anyway, and ``||M_i||^2 =
+    sum S_m^2`` (the alternating steps' factors are orthonormal to rounding:
+    a relative error of about 1e-6 of ``||M_i||^2``, far below the losses
+    the scheduler acts on)."""
+    total = sum_d2 - 2.0 * jnp.sum(S_m * DV) + jnp.sum(S_m * S_m) - jnp.sum(em)
+    return jnp.maximum(total, 0.0) * scale
+
+  def step(t, state, V, sched, side="both", U_in=None, corr=None):
+    """One M-step and W-step. Returns ``(cur, (P, V), loss, w_err, U,
+    nxt)``; ``nxt`` (alternating steps only): the new state's correction
+    the next step takes as ``corr`` (``U_i^T E`` after a right step, whose
+    ``U`` the left step uses; ``E V_i`` after a left step)."""
     cur = jnp.minimum(sched.rank, ranks_arr)                      # [n]
-    U, S, V_new, DV = m_step(state, V, t, side, U_in)
+    U, S, V_new, DV = m_step(state, V, t, side, U_in, corr)
     cols = jnp.arange(V_new.shape[-1])
     S_m = jnp.where(cols[None, :] < cur[:, None], S, 0.0)
     P = U * S_m[:, None, :]
     E = dense_e((P, V_new)) if (exact_loss or W_true is not None) else None
-    loss = loss_of(P, V_new, S_m, DV, E)
+    nxt = None
+    if side == "right":
+      nxt = _lowrank_apply_t(P, V_new, U)                        # U_i^T E
+      em = jnp.einsum("ip,ipk,ikp->i", S_m, nxt, V_new)
+    elif side == "left":
+      nxt = _lowrank_apply(P, V_new, V_new)                      # E V_i
+      em = jnp.einsum("idp,idp->i", nxt, P)
+    if nxt is None or exact_loss:
+      loss = loss_of(P, V_new, S_m, DV, E)
+    else:
+      loss = loss_of_products(S_m, DV, em)
     w_err = None
     if W_true is not None:
       w_err = _log10_mse(_compose(W_bar, mean_d, E), W_true)
-    return cur, (P, V_new), loss, w_err, U
+    return cur, (P, V_new), loss, w_err, U, nxt
 
   # mean_i D_i (the rounding error of W_bar): recomputed where needed, so no
   # dense [d, k] buffer is held through the loop.
@@ -359,7 +393,7 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
   else:
     # Step 0 is taken outside the loop: its residuals use the dense initial
     # E, every later step the factored one.
-    cur0, fac0, loss0, werr0, _ = step(0, None, V, sched0)
+    cur0, fac0, loss0, werr0, _, _ = step(0, None, V, sched0)
     sched1 = rank_schedule_step(schedule, sched0, loss0, 1, r_end, steps)
     if trace:
       werr_tr = werr_tr.at[0].set(werr0)
@@ -373,7 +407,7 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
 
   def body(c):
     t, fac, sched, loss_tr, rank_tr, werr_tr, prev_loss, _ = c
-    cur, fac_new, loss, w_err, _ = step(t, fac, fac[1], sched)
+    cur, fac_new, loss, w_err, _, _ = step(t, fac, fac[1], sched)
     sched = rank_schedule_step(schedule, sched, loss, t + 1, r_end, steps)
     done = converged(cur, prev_loss, loss)
     if trace:
@@ -389,13 +423,20 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
     iteration, with an M-step and a W-step after each half. The second step
     is kept only if it is due (``stop``, ``tol``, still in this phase);
     otherwise its work is discarded and the loop continues from the first.
+
+    The carry's factors are ``(P, V, E V_i)``: each step forms the product
+    of its new ``E`` that the next step needs (and reads ``n ||E||^2`` of
+    its loss off it). A discarded second step ends the phase's loop for
+    that layer (``stop``, ``tol`` or the phase's bound), so its ``E V_i``
+    is kept whatever ``ok`` says: the next phase forms its own.
     """
-    t, fac, sched, loss_tr, rank_tr, werr_tr, prev_loss, _ = c
-    cur1, fac1, loss1, werr1, U1 = step(t, fac, fac[1], sched, "right")
+    t, (P, V, EV), sched, loss_tr, rank_tr, werr_tr, prev_loss, _ = c
+    cur1, fac1, loss1, werr1, U1, UtE = step(t, (P, V), V, sched, "right",
+                                             corr=EV)
     sched1 = rank_schedule_step(schedule, sched, loss1, t + 1, r_end, steps)
     done1 = converged(cur1, prev_loss, loss1)
-    cur2, fac2, loss2, werr2, _ = step(t + 1, fac1, fac1[1], sched1, "left",
-                                       U1)
+    cur2, fac2, loss2, werr2, _, EV2 = step(t + 1, fac1, fac1[1], sched1,
+                                            "left", U1, corr=UtE)
     sched2 = rank_schedule_step(schedule, sched1, loss2, t + 2, r_end, steps)
     done2 = converged(cur2, loss1, loss2)
     ok = (t + 1 < stop) & ~done1
@@ -410,7 +451,7 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
     if trace:
       werr_tr = werr_tr.at[t].set(werr1)
       werr_tr = werr_tr.at[t2].set(jnp.where(ok, werr2, werr_tr[t2]))
-    return (jnp.where(ok, t + 2, t + 1), pick(fac2, fac1),
+    return (jnp.where(ok, t + 2, t + 1), pick(fac2, fac1) + (EV2,),
             pick(sched2, sched1), loss_tr, rank_tr, werr_tr,
             jnp.where(ok, loss2, loss1), jnp.where(ok, done2, done1))
 
@@ -422,27 +463,29 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
   # layer keeps its own trajectory (layers in another phase are frozen by
   # the batched loop), so batches equal per-layer calls.
   phases = rank_phases(levels)
+  alternating = svd == "subspace" and alternate
   for j, (bound, wlevel) in enumerate(phases):
     last_phase = j == len(phases) - 1
-    P, V = c[1]
+    P, V = c[1][:2]
     qa, qb = P.shape[-1], width(wlevel)
     if qb > qa:
       P = jnp.concatenate([P, jnp.zeros((n, d, qb - qa), P.dtype)], -1)
       V = jnp.concatenate(
           [V, jnp.broadcast_to(omega[:, qa:qb], (n, k, qb - qa))], -1)
-      c = c[:1] + ((P, V),) + c[2:]
+    fac = (P, V, _lowrank_apply(P, V, V)) if alternating else (P, V)
+    c = c[:1] + (fac,) + c[2:]
 
     def cond(c, bound=bound, last_phase=last_phase):
       go = (c[0] < stop) & ~c[-1]
       return go if last_phase else go & (c[2].rank <= bound)
 
-    if svd == "subspace" and alternate:
+    if alternating:
       loop_body = functools.partial(body_alternating, bound=bound,
                                     last_phase=last_phase)
     else:
       loop_body = body
     c = jax.lax.while_loop(cond, loop_body, c)
-  t, (P, V), _, loss_tr, rank_tr, werr_tr, loss, _ = c
+  t, (P, V, *_), _, loss_tr, rank_tr, werr_tr, loss, _ = c
   factors, res2 = _refine(D, P, V, refine, batch)
   W = _compose_blocks(W_bar, D, factors, batch)
   last = t - 1
