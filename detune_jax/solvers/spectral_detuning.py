@@ -277,6 +277,7 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
       G = jnp.einsum("npq,npr,nrs->nqs", T, jnp.einsum("ndp,ndr->npr", Z, Z),
                      T)
       w, S, inv = jax.vmap(lowrank.svd_of_gram, in_axes=(0, None))(G, 1e-3)
+      S = jnp.where(inv > 0, S, 0.0)     # as U: the loss counts sum S^2
       Tw = jnp.einsum("npq,nqr->npr", T, w)
       U = jnp.einsum("ndp,npq->ndq", Z, Tw * inv[:, None, :])
       V_new = jnp.einsum("nkp,npq->nkq", V, Tw)
