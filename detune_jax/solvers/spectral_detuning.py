@@ -256,18 +256,20 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
     of ``V`` from ``R_i V_i`` alone, ``"left"`` the one in the column space
     of the orthonormal ``U_in`` from ``U_in^T R_i`` alone (one pass each).
     ``corr``: the state's correction already formed by the previous step,
-    ``E V_i`` (``"right"``) or ``U_in_i^T E`` (``"left"``).
+    ``E V_i`` (``"right"``, always given) or ``U_in_i^T E`` (``"left"``;
+    formed here when not given).
     """
     qw = V.shape[-1]
     if svd == "subspace" and side == "right":
       # The Rayleigh-Ritz step needs an orthonormal X = V T; the left
       # step's V is one only in its informative columns (the rest are fill).
-      # (A Cholesky factorization instead of the eigh: XLA:CPU's batched
-      # triangular solve cost as much as the pass over the stack.)
+      # (A Cholesky factorization was tried instead of the eigh and dropped:
+      # XLA:CPU's batched triangular solve cost as much as the pass over the
+      # stack.)
       T = jax.vmap(lowrank.orthonormalizer)(
           jnp.einsum("nkp,nkq->npq", V, V))
       Z_d = jnp.einsum("ndk,nkq->ndq", D, V)                     # D_i V_i
-      Z = Z_d + (apply_e(state, V) if corr is None else corr)    # R_i V_i
+      Z = Z_d + corr                                             # R_i V_i
       # R_i X_i = Z_i T_i = U_i diag(S) w_i^T from its Gram matrix
       # T^T (Z^T Z) T, without forming X or R X. Columns of U are
       # orthonormal to rounding only where S is well above float32 noise
