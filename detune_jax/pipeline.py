@@ -88,7 +88,8 @@ class RecoverConfig:
     steps: solver steps per layer.
     seed: solver seed.
     solver: a name in :data:`detune_jax.solvers.registry.SOLVERS`; ``"auto"``
-      takes the closed form for n >= 3 (refined where ill-posed) and
+      takes the closed form for n >= 3 (polished by one step, refined where
+      ill-posed) and
       Spectral DeTuning otherwise.
     solver_options: extra keyword arguments of the solver.
     dtype_aware: for layers released in bfloat16/float16, refine the

@@ -52,6 +52,7 @@ def define_flags():
   flags.DEFINE_integer("layers", 2, "Synthetic layers (seeds) per scenario.")
   flags.DEFINE_float("shared", 0.8, "Shared fraction of the correlated LoRAs.")
   flags.DEFINE_integer("steps", 300, "Steps of the iterative methods.")
+  flags.DEFINE_list("methods", list(METHODS), "Methods to run.")
   flags.DEFINE_string("minilm_dir", os.path.join("~", ".cache", "detune_jax",
                                                 "minilm_finetunes"),
                       "Output of experiments.build_minilm_finetunes.")
@@ -110,14 +111,15 @@ def evaluate(W, W_true):
 
 
 def run_scenario(name: str, ns, *, dim: int, rank: int, layers: int,
-                 shared: float, steps: int, minilm_dir: str, log=print):
+                 shared: float, steps: int, minilm_dir: str, log=print,
+                 methods=METHODS):
   """Rows ``{scenario, n, method, w_error, [bit_exact], seconds}``."""
   rows = []
   for n in ns:
     W_true, W_primes = scenario_stack(name, n, dim=dim, rank=rank,
                                       layers=layers, shared=shared,
                                       minilm_dir=minilm_dir)
-    for method in METHODS:
+    for method in methods:
       W, secs = run_method(method, W_primes, rank, steps)
       if W is None:
         continue
@@ -135,6 +137,8 @@ def markdown(rows, scenario: str) -> str:
   lines = ["| method | " + " | ".join(f"n={n}" for n in ns) + " |",
            "|---|" + "---|" * len(ns)]
   for method in METHODS:
+    if not any(r["method"] == method for r in rows):
+      continue
     cells = []
     for n in ns:
       hit = [r for r in rows if r["n"] == n and r["method"] == method]
@@ -171,6 +175,10 @@ def plot(rows, scenario: str, path: str):
 
 def main(argv):
   del argv
+  unknown = sorted(set(FLAGS.methods) - set(METHODS))
+  if unknown:
+    raise app.UsageError(f"unknown --methods {unknown}; expected some of "
+                         f"{list(METHODS)}")
   os.makedirs(FLAGS.out, exist_ok=True)
   ns = [int(n) for n in FLAGS.ns]
   rows = []
@@ -189,7 +197,8 @@ def main(argv):
   for name in FLAGS.scenarios:
     rows += run_scenario(name, ns, dim=FLAGS.dim, rank=FLAGS.rank,
                          layers=FLAGS.layers, shared=FLAGS.shared,
-                         steps=FLAGS.steps, minilm_dir=FLAGS.minilm_dir)
+                         steps=FLAGS.steps, minilm_dir=FLAGS.minilm_dir,
+                         methods=FLAGS.methods)
     with open(path, "w") as f:
       json.dump(rows, f, indent=1)
     plot(rows, name, os.path.join(FLAGS.out, f"frontier_{name}.png"))

@@ -35,7 +35,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Solver seed.")
 _SOLVER = flags.DEFINE_string(
     "solver", "auto", "Layer solver, a name in "
     "detune_jax.solvers.registry.SOLVERS: auto (closed form for n >= 3, "
-    "refined where ill-posed; spectral_detuning otherwise), spectral_detuning, "
+    "polished by one step, refined where ill-posed; spectral_detuning "
+    "otherwise), spectral_detuning, "
     "closed_form, closed_form+refine, mean_lora.")
 _DTYPE_AWARE = flags.DEFINE_bool(
     "dtype_aware", True, "For layers released in bfloat16/float16, refine the "

@@ -42,7 +42,8 @@ def test_recovers_tiny_model(recovered):
     assert layer["ranks"] == list(TINY_RANKS)        # rank=auto, per LoRA
     assert layer["rank"] == max(TINY_RANKS)
     assert layer["rank_source"] == "estimated"
-    # The default solver ("auto") is one-shot here (n = 4): no iterations.
+    # The default solver ("auto") is the closed form here (n = 4), polished
+    # by one step.
     assert 0 <= layer["steps"] <= STEPS
     assert len(layer["loss_curve"]) == max(layer["steps"], 1)
   assert [l["name"] for l in report["layers"]] == list(TINY_LAYERS)
