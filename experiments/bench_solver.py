@@ -193,13 +193,16 @@ def run_floor(groups, rank_trace: np.ndarray, reps: int = 20) -> Dict:
 
   ``rank_trace``: ``[steps]`` scheduler rank of each step (the solver works
   at that width). Returns the floors per step at each width and the floors
-  of the run, ``sum_t floor(q_t)``, for one and for two passes per step.
+  of the run, ``sum_t floor(q_t)``, for one and for two passes per step;
+  ``loop_s``: the one-pass floor of steps 2 to the last (what the loop
+  adds to a run stopped after its first step).
   """
   widths, counts = np.unique(rank_trace, return_counts=True)
   per_q = {int(q): matmul_floor(groups, int(q), reps) for q in widths}
   one = float(sum(per_q[int(q)][0] * c for q, c in zip(widths, counts)))
   two = float(sum(per_q[int(q)][1] * c for q, c in zip(widths, counts)))
-  return dict(per_q=per_q, run_s=one, run_two_s=two)
+  loop = one - per_q[int(rank_trace[0])][0]
+  return dict(per_q=per_q, run_s=one, run_two_s=two, loop_s=loop)
 
 
 def run_detune_jax(groups, r, steps) -> Dict:
@@ -212,12 +215,15 @@ def run_detune_jax(groups, r, steps) -> Dict:
   rank_trace = np.max(np.concatenate(
       [np.asarray(d.rank).reshape(-1, steps, np.asarray(d.rank).shape[-1])
        for d in diags]), axis=(0, 2))
-  walls, errs, steps_taken, floors = [], [], [], []
+  walls, errs, steps_taken, floors, firsts = [], [], [], [], []
   for _ in range(FLAGS.repeats):
     Ws, diags, sec = _solve_groups(groups, r, steps)
     walls.append(sec)
     errs.append(_case_w_error(Ws, groups))
     steps_taken.append(max(int(np.max(d.steps)) for d in diags))
+    # The same run stopped after its first step: everything but the loop
+    # (centring, starting subspace, first step, refinement, composition).
+    firsts.append(_solve_groups(groups, r, steps, stop_after=1)[2])
     # The floor right after each run: the machine's speed drifts by tens of
     # percent over minutes, so each run is compared with its own floor.
     floors.append(run_floor(groups, rank_trace, reps=10))
@@ -225,6 +231,11 @@ def run_detune_jax(groups, r, steps) -> Dict:
       len(floors) // 2])])
   floor["ratio_one"] = [w / f["run_s"] for w, f in zip(walls, floors)]
   floor["ratio_two"] = [w / f["run_two_s"] for w, f in zip(walls, floors)]
+  # Per step: the time the loop's steps add (full run less the run stopped
+  # after step 1) over their one-pass floor.
+  floor["first_step_walls"] = firsts
+  floor["ratio_loop"] = [(w - w1) / f["loop_s"] for w, w1, f
+                         in zip(walls, firsts, floors)]
   return dict(walls=walls, w_error=float(np.median(errs)), trace=trace,
               steps=int(np.median(steps_taken)), rank_trace=rank_trace,
               compile_and_first_run_s=compile_s, uniform_steps=False,
@@ -508,6 +519,10 @@ def main(argv: Sequence[str]) -> None:
           f"(runs {_fmt_list(fl['ratio_one'])}) and "
           f"{np.median(fl['ratio_two']):.2f}x the two-pass floor (median of "
           f"each run over the floor timed right after it)")
+    print(f"  per step (the run less the same run stopped after step 1: "
+          f"runs {_fmt_list(fl['first_step_walls'])} s): "
+          f"{np.median(fl['ratio_loop']):.2f}x the one-pass floor of those "
+          f"steps (runs {_fmt_list(fl['ratio_loop'])})")
     if dj_res.get("tta_step"):
       print(f"  detune_jax stopped after step {dj_res['tta_step']} "
             f"(plain W-step trace reaches it at step "

@@ -62,3 +62,6 @@ def test_benchmark_binary_smoke(tmp_path):
     assert len(res[method]["walls"]) == 1
     assert len(res[method]["trace"]) == 6
     assert np.isfinite(res[method]["w_error"])
+  floor = res["detune_jax"]["floor"]
+  assert floor["loop_s"] > 0 and len(floor["ratio_loop"]) == 1
+  assert "the one-pass floor of those steps" in proc.stdout
