@@ -7,8 +7,14 @@ bit-exactly and the W-Error by:
 * ``closed_form`` rounded to the grid (no dtype-aware step);
 * ``auto``, the default (closed form, then :func:`detune_jax.grid_refine`);
 * ``oracle``: ``grid_refine`` started from the true base. It measures how
-  much the data allow with this estimator: what is lost from its start is
-  lost to the M-step's noise, not to a wrong starting point.
+  much this estimator keeps when its start is right: what is lost from
+  there is lost to the M-step's noise, not to a wrong starting point;
+* ``data_limit``: the share of weights the data determine given the true
+  updates ``M_i`` (the float32 ``W'_i - W`` before the release's rounding):
+  those whose rounding intervals ``[lo_i - M_i, hi_i - M_i]`` intersect in
+  a span holding no other grid point than the base's. No estimator that
+  reads only the releases can pin more (in the row: that share, and as
+  ``bit_exact`` the midrange estimate from the true ``M_i``).
 
   python -m experiments.bit_exact --ns=3,5 --dim=256 --layers=2
   python -m experiments.bit_exact --scenario=minilm --ns=3,5
@@ -26,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import detune_jax as dj
+from detune_jax.solvers import grid
 from detune_jax.solvers import registry
 from experiments import frontier
 
@@ -58,6 +65,22 @@ def _row(name, n, W, W_true):
                                        jnp.asarray(W_true, jnp.float32))))
 
 
+def data_limit(W_primes, M, W_true):
+  """``(determined, midrange)``: the share of weights the data pin given
+  the true updates ``M [.., n, d, k]``, and the share the midrange
+  estimate from them gets right (see the module docstring)."""
+  W_primes, W_true = jnp.asarray(W_primes), jnp.asarray(W_true)
+  lo, hi = dj.rounding_interval(W_primes)
+  M = jnp.asarray(M, jnp.float32)
+  lower = jnp.max(lo - M, axis=-3)
+  upper = jnp.min(hi - M, axis=-3)
+  up = grid._next_toward(W_true, up=True).astype(jnp.float32)  # pylint: disable=protected-access
+  down = grid._next_toward(W_true, up=False).astype(jnp.float32)  # pylint: disable=protected-access
+  determined = jnp.mean(((up > upper) & (down < lower)).astype(jnp.float32))
+  W_mid, _ = dj.interval_estimate(W_primes, M)
+  return float(determined), float(dj.bit_exact_fraction(W_mid, W_true))
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
   rows = []
@@ -70,6 +93,12 @@ def main(argv: Sequence[str]) -> None:
                              grid_steps=FLAGS.grid_steps)
     oracle, _ = dj.grid_refine(Wp, jnp.asarray(W_true, jnp.float32),
                                FLAGS.rank, steps=FLAGS.grid_steps)
+    # The true updates: the float32 merges of the same stack, less the base.
+    Wf, Wpf = frontier.scenario_stack(
+        FLAGS.scenario, n, dim=FLAGS.dim, rank=FLAGS.rank,
+        layers=FLAGS.layers, shared=0.0, minilm_dir=FLAGS.minilm_dir)
+    determined, mid = data_limit(Wp, np.asarray(Wpf) - np.asarray(Wf)[
+        ..., None, :, :], W_true)
     for name, W in (("closed_form", raw), ("auto", auto),
                     ("oracle", oracle)):
       rows.append(_row(name, n, W, W_true))
@@ -77,6 +106,11 @@ def main(argv: Sequence[str]) -> None:
       print(f"{FLAGS.scenario} n={n} {name:12s} bit-exact "
             f"{100 * r['bit_exact']:5.1f}%  W-Error {r['w_error']:7.2f}",
             flush=True)
+    rows.append(dict(method="data_limit", n=n, determined=determined,
+                     bit_exact=mid))
+    print(f"{FLAGS.scenario} n={n} data_limit   determined "
+          f"{100 * determined:5.1f}% given the true M_i (midrange from them: "
+          f"{100 * mid:5.1f}% bit-exact)", flush=True)
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:
       json.dump(rows, f, indent=1)

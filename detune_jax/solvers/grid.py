@@ -145,7 +145,8 @@ def interval_estimate(W_primes, M, *, estimator: str = "midrange"):
   return W, consistent
 
 
-def _refine_layer(W_primes, W0, key, *, ranks, steps, estimator, oversample):
+def _refine_layer(W_primes, W0, key, *, ranks, steps, estimator, oversample,
+                  free_steps):
   n, d, k = W_primes.shape
   q = min(max(ranks) + oversample, d, k)
   keep = jnp.arange(q)[None, :] < jnp.asarray(ranks)[:, None]         # [n, q]
@@ -158,6 +159,21 @@ def _refine_layer(W_primes, W0, key, *, ranks, steps, estimator, oversample):
   U, S, V = jax.vmap(lambda a: lowrank.svd_randomized(a, q, key, 2))(
       Wf - W0[None])
   M = truncate(U, S, V)
+
+  def free(_, c):
+    # Projection onto the updates consistent with *some* real W per entry
+    # (the intervals [lo_i - M_i, hi_i - M_i] share a point), then onto rank
+    # r_i. No grid W is involved: entries of W0 that are wrong do not pull
+    # the M_i toward them. M_i is clipped only where the intervals disagree,
+    # toward the centre of their hull.
+    M, V = c
+    w = 0.5 * (jnp.max(lo - M, axis=0) + jnp.min(hi - M, axis=0))
+    Z = jnp.clip(M, lo - w[None], hi - w[None])
+    U, S, V = jax.vmap(lowrank.svd_subspace)(Z, V)
+    return truncate(U, S, V), V
+
+  if free_steps:
+    M, V = jax.lax.fori_loop(0, free_steps, free, (M, V))
   W, _ = interval_estimate(W_primes, M, estimator=estimator)
 
   def body(_, c):
@@ -185,10 +201,12 @@ def _refine_layer(W_primes, W0, key, *, ranks, steps, estimator, oversample):
 
 
 @functools.partial(jax.jit, static_argnames=("ranks", "steps", "estimator",
-                                             "oversample"))
-def _refine(W_primes, W0, key, *, ranks, steps, estimator, oversample):
+                                             "oversample", "free_steps"))
+def _refine(W_primes, W0, key, *, ranks, steps, estimator, oversample,
+            free_steps):
   fn = functools.partial(_refine_layer, ranks=ranks, steps=steps,
-                         estimator=estimator, oversample=oversample)
+                         estimator=estimator, oversample=oversample,
+                         free_steps=free_steps)
   if W_primes.ndim == 4:
     # lax.map (a scan over layers), not jax.vmap: the vmapped program
     # deadlocks XLA:CPU (jax 0.10.2) on large batches (24 MiniLM-sized layers:
@@ -200,10 +218,17 @@ def _refine(W_primes, W0, key, *, ranks, steps, estimator, oversample):
 
 def grid_refine(W_primes, W0, rank: Rank, *, steps: int = 100,
                 estimator: str = "midrange", seed: int = 0,
-                oversample: int = 0):
+                oversample: int = 0, free_steps: int = 100):
   """Refines an estimate of ``W`` on the grid of low-precision inputs.
 
-  Starts from ``M_i = SVD_{r_i}(W'_i - W0)``, then alternates ``steps`` times:
+  Starts from ``M_i = SVD_{r_i}(W'_i - W0)`` and first takes ``free_steps``
+  projections of the ``M_i`` alone onto the updates whose rounding
+  intervals ``[lo_i - M_i, hi_i - M_i]`` share a point, and back onto rank
+  ``r_i``: constraints on the differences ``M_i - M_j`` that need no
+  estimate of ``W``, so that entries where ``W0`` is wrong do not pull the
+  ``M_i`` toward it (measured on real MiniLM fine-tunes released in bf16,
+  n=3: 94.2% of the weights bit-exact against 92.9% without, see
+  docs/results.md). Then it alternates ``steps`` times:
   the M-step projects each ``M_i`` onto the box of updates consistent with
   the rounding intervals of ``W'_i`` given ``W`` (``lo_i - W <= M_i <=
   hi_i - W``) and back onto rank ``r_i`` (one warm-started subspace-iteration
@@ -222,6 +247,7 @@ def grid_refine(W_primes, W0, rank: Rank, *, steps: int = 100,
     estimator: see :func:`interval_estimate`.
     seed: seed of the initial sketch.
     oversample: extra subspace columns of the M-step.
+    free_steps: projections of the ``M_i`` before the alternation (0: none).
 
   Returns:
     ``(W, GridDiagnostics)``: float32 ``W`` on the inputs' grid.
@@ -251,7 +277,7 @@ def grid_refine(W_primes, W0, rank: Rank, *, steps: int = 100,
                      f"{W_primes.shape[:-3] + (d, k)}")
   return _refine(W_primes, W0, jax.random.key(seed), ranks=ranks,
                  steps=int(steps), estimator=estimator,
-                 oversample=int(oversample))
+                 oversample=int(oversample), free_steps=int(free_steps))
 
 
 def bit_exact_fraction(W, W_true):
