@@ -122,3 +122,16 @@ def test_bit_exact_fraction():
   b = jnp.asarray([1.0, 2.0, 3.001, 5.0], jnp.float32)
   assert float(dj.bit_exact_fraction(b, a)) == 0.75
   assert float(dj.round_to_grid(jnp.float32(3.001), jnp.bfloat16)) == 3.0
+
+
+def test_data_limit_of_bit_exact_experiment():
+  from experiments import bit_exact  # pylint: disable=import-outside-toplevel
+  key = jax.random.key(3)
+  W = (jax.random.normal(key, (64, 48)) * 0.02).astype(jnp.bfloat16)
+  M = jax.random.normal(jax.random.fold_in(key, 1), (5, 64, 48)) * 1e-3
+  W_primes = (W.astype(jnp.float32)[None] + M).astype(jnp.bfloat16)
+  det3, mid3 = bit_exact.data_limit(W_primes[:3], M[:3], W)
+  det5, mid5 = bit_exact.data_limit(W_primes, M, W)
+  # More releases narrow the intersection of the intervals.
+  assert 0.9 <= det3 < det5 <= 1.0
+  assert mid3 >= 0.9 and mid5 >= det5 - 0.01
