@@ -14,7 +14,8 @@ bit-exactly and the W-Error by:
   those whose rounding intervals ``[lo_i - M_i, hi_i - M_i]`` intersect in
   a span holding no other grid point than the base's. No estimator that
   reads only the releases can pin more (in the row: that share, and as
-  ``bit_exact`` the midrange estimate from the true ``M_i``).
+  ``bit_exact`` the midrange estimate from the true ``M_i``; see
+  :func:`detune_jax.solvers.grid.determined_fraction`).
 
   python -m experiments.bit_exact --ns=3,5 --dim=256 --layers=2
   python -m experiments.bit_exact --scenario=minilm --ns=3,5
@@ -65,22 +66,6 @@ def _row(name, n, W, W_true):
                                        jnp.asarray(W_true, jnp.float32))))
 
 
-def data_limit(W_primes, M, W_true):
-  """``(determined, midrange)``: the share of weights the data pin given
-  the true updates ``M [.., n, d, k]``, and the share the midrange
-  estimate from them gets right (see the module docstring)."""
-  W_primes, W_true = jnp.asarray(W_primes), jnp.asarray(W_true)
-  lo, hi = dj.rounding_interval(W_primes)
-  M = jnp.asarray(M, jnp.float32)
-  lower = jnp.max(lo - M, axis=-3)
-  upper = jnp.min(hi - M, axis=-3)
-  up = grid._next_toward(W_true, up=True).astype(jnp.float32)  # pylint: disable=protected-access
-  down = grid._next_toward(W_true, up=False).astype(jnp.float32)  # pylint: disable=protected-access
-  determined = jnp.mean(((up > upper) & (down < lower)).astype(jnp.float32))
-  W_mid, _ = dj.interval_estimate(W_primes, M)
-  return float(determined), float(dj.bit_exact_fraction(W_mid, W_true))
-
-
 def main(argv: Sequence[str]) -> None:
   del argv
   rows = []
@@ -97,8 +82,8 @@ def main(argv: Sequence[str]) -> None:
     Wf, Wpf = frontier.scenario_stack(
         FLAGS.scenario, n, dim=FLAGS.dim, rank=FLAGS.rank,
         layers=FLAGS.layers, shared=0.0, minilm_dir=FLAGS.minilm_dir)
-    determined, mid = data_limit(Wp, np.asarray(Wpf) - np.asarray(Wf)[
-        ..., None, :, :], W_true)
+    determined, mid = grid.determined_fraction(
+        Wp, np.asarray(Wpf) - np.asarray(Wf)[..., None, :, :], W_true)
     for name, W in (("closed_form", raw), ("auto", auto),
                     ("oracle", oracle)):
       rows.append(_row(name, n, W, W_true))

@@ -124,14 +124,13 @@ def test_bit_exact_fraction():
   assert float(dj.round_to_grid(jnp.float32(3.001), jnp.bfloat16)) == 3.0
 
 
-def test_data_limit_of_bit_exact_experiment():
-  from experiments import bit_exact  # pylint: disable=import-outside-toplevel
+def test_determined_fraction():
   key = jax.random.key(3)
   W = (jax.random.normal(key, (64, 48)) * 0.02).astype(jnp.bfloat16)
   M = jax.random.normal(jax.random.fold_in(key, 1), (5, 64, 48)) * 1e-3
   W_primes = (W.astype(jnp.float32)[None] + M).astype(jnp.bfloat16)
-  det3, mid3 = bit_exact.data_limit(W_primes[:3], M[:3], W)
-  det5, mid5 = bit_exact.data_limit(W_primes, M, W)
+  det3, mid3 = grid.determined_fraction(W_primes[:3], M[:3], W)
+  det5, mid5 = grid.determined_fraction(W_primes, M, W)
   # More releases narrow the intersection of the intervals.
   assert 0.9 <= det3 < det5 <= 1.0
   assert mid3 >= 0.9 and mid5 >= det5 - 0.01

@@ -280,6 +280,32 @@ def grid_refine(W_primes, W0, rank: Rank, *, steps: int = 100,
                  oversample=int(oversample), free_steps=int(free_steps))
 
 
+def determined_fraction(W_primes, M, W_true):
+  """What the data allow: the share of weights the releases determine.
+
+  Given the *true* updates ``M`` (``[..., n, d, k]`` float32, e.g. the
+  float32 ``W'_i - W`` of a synthetic release), an entry of ``W_true`` is
+  determined when the intersection of its rounding intervals ``[lo_i -
+  M_i, hi_i - M_i]`` holds no other grid point: no estimator that reads
+  only the releases can pin more entries. Evaluation only (it needs the
+  truth).
+
+  Returns:
+    ``(determined, midrange)``: that share, and the bit-exact share of
+    :func:`interval_estimate` from the true ``M``.
+  """
+  W_primes, W_true = jnp.asarray(W_primes), jnp.asarray(W_true)
+  lo, hi = rounding_interval(W_primes)
+  M = jnp.asarray(M, jnp.float32)
+  lower = jnp.max(lo - M, axis=-3)
+  upper = jnp.min(hi - M, axis=-3)
+  up = _next_toward(W_true, up=True).astype(jnp.float32)
+  down = _next_toward(W_true, up=False).astype(jnp.float32)
+  determined = jnp.mean(((up > upper) & (down < lower)).astype(jnp.float32))
+  W_mid, _ = interval_estimate(W_primes, M)
+  return float(determined), float(bit_exact_fraction(W_mid, W_true))
+
+
 def bit_exact_fraction(W, W_true):
   """Fraction of entries of ``W`` that equal ``W_true`` bit for bit.
 
