@@ -39,7 +39,7 @@ def test_reference_vs_detune_jax_on_a_small_layer():
   W, W_primes = lora_stack(0, 96, 80, n=4, rank=4)
   torch.manual_seed(0)
   W_ref, losses, ranks, _ = reference_torch.spectral_detuning(
-      torch.from_numpy(np.asarray(W_primes)), 4, 150)
+      torch.from_numpy(np.array(W_primes)), 4, 150)
   W_jax, diag = dj.spectral_detuning(W_primes, 4, 150)
   err_ref = float(dj.w_error(W_ref.numpy(), W))
   err_jax = float(dj.w_error(W_jax, W))
