@@ -256,8 +256,9 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
     of ``V`` from ``R_i V_i`` alone, ``"left"`` the one in the column space
     of the orthonormal ``U_in`` from ``U_in^T R_i`` alone (one pass each).
     ``corr``: the state's correction already formed by the previous step,
-    ``E V_i`` (``"right"``, always given) or ``U_in_i^T E`` (``"left"``;
-    formed here when not given).
+    ``E V_i`` (``"right"``) or ``U_in_i^T E`` (``"left"``); the alternating
+    steps, the only callers of those sides, always give it. ``"both"``
+    forms its correction here.
     """
     qw = V.shape[-1]
     if svd == "subspace" and side == "right":
