@@ -5,8 +5,11 @@ rounded to it), prints per n the fraction of base weights recovered
 bit-exactly and the W-Error by:
 
 * ``closed_form`` rounded to the grid (no dtype-aware step);
-* ``auto``, the default (closed form, then :func:`detune_jax.grid_refine`);
-* ``oracle``: ``grid_refine`` started from the true base. It measures how
+* ``auto``, the default (closed form, then :func:`detune_jax.grid_refine`
+  with ``registry.GRID_RESTARTS`` restarts); ``--grid_restarts=0,1`` adds a
+  row per other number of restarts (``auto+r0``);
+* ``oracle``: ``grid_refine`` started from the true base (one round, no
+  restart). It measures how
   much this estimator keeps when its start is right: what is lost from
   there is lost to the M-step's noise, not to a wrong starting point;
 * ``data_limit``: the share of weights the data determine given the true
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Sequence
 
 from absl import app
@@ -46,6 +50,9 @@ flags.DEFINE_integer("dim", 256, "Synthetic layer size.")
 flags.DEFINE_integer("rank", 16, "LoRA rank.")
 flags.DEFINE_integer("layers", 2, "Synthetic layers (seeds).")
 flags.DEFINE_integer("grid_steps", 100, "Alternations of grid_refine.")
+flags.DEFINE_list("grid_restarts", [str(registry.GRID_RESTARTS)],
+                  "Restarts of grid_refine for the auto rows: one row per "
+                  "value; the default's row is 'auto', others 'auto+rN'.")
 flags.DEFINE_string("minilm_dir", os.path.join("~", ".cache", "detune_jax",
                                                "minilm_finetunes"),
                     "Cache of the MiniLM fine-tunes.")
@@ -74,8 +81,15 @@ def main(argv: Sequence[str]) -> None:
     Wp = jnp.asarray(Wp)
     raw, _ = registry.solve(Wp, FLAGS.rank, solver="closed_form",
                             dtype_aware=False)
-    auto, _ = registry.solve(Wp, FLAGS.rank, solver="auto",
-                             grid_steps=FLAGS.grid_steps)
+    autos = []
+    for r in (int(x) for x in FLAGS.grid_restarts):
+      start = time.perf_counter()
+      W_a, _ = registry.solve(Wp, FLAGS.rank, solver="auto",
+                              grid_steps=FLAGS.grid_steps, grid_restarts=r)
+      W_a = np.asarray(W_a)
+      autos.append(("auto" if r == registry.GRID_RESTARTS else f"auto+r{r}",
+                    W_a,
+                    time.perf_counter() - start))
     oracle, _ = dj.grid_refine(Wp, jnp.asarray(W_true, jnp.float32),
                                FLAGS.rank, steps=FLAGS.grid_steps)
     # The true updates: the float32 merges of the same stack, less the base.
@@ -84,12 +98,15 @@ def main(argv: Sequence[str]) -> None:
         layers=FLAGS.layers, shared=0.0, minilm_dir=FLAGS.minilm_dir)
     determined, mid = grid.determined_fraction(
         Wp, np.asarray(Wpf) - np.asarray(Wf)[..., None, :, :], W_true)
-    for name, W in (("closed_form", raw), ("auto", auto),
-                    ("oracle", oracle)):
+    for name, W, sec in ([("closed_form", raw, None)] + autos
+                         + [("oracle", oracle, None)]):
       rows.append(_row(name, n, W, W_true))
       r = rows[-1]
+      took = "" if sec is None else f"  ({sec:.1f} s)"
+      if sec is not None:
+        r["seconds"] = sec
       print(f"{FLAGS.scenario} n={n} {name:12s} bit-exact "
-            f"{100 * r['bit_exact']:5.1f}%  W-Error {r['w_error']:7.2f}",
+            f"{100 * r['bit_exact']:5.1f}%  W-Error {r['w_error']:7.2f}{took}",
             flush=True)
     rows.append(dict(method="data_limit", n=n, determined=determined,
                      bit_exact=mid))

@@ -86,6 +86,26 @@ def test_free_projections_before_the_alternation_gain():
   assert frac[60] >= frac[0] + 0.007, frac
 
 
+# One restart on bf16_stack(0, 96, 80, n=3, rank=4): 94.40% -> 94.80%
+# bit-exact (seeds 1, 2: +0.69, +0.35 points).
+RESTART_GAIN = 0.003
+
+
+def test_restarts_run_the_grid_step_again_from_its_own_output():
+  W, W_primes = bf16_stack(0, 96, 80, n=3, rank=4)
+  W_cf, _ = dj.subspace_intersection_detuning(W_primes, 4)
+  once, d1 = dj.grid_refine(W_primes, W_cf, 4, steps=60, free_steps=60)
+  again, _ = dj.grid_refine(W_primes, once, 4, steps=60, free_steps=60)
+  restarted, d2 = dj.grid_refine(W_primes, W_cf, 4, steps=60, free_steps=60,
+                                 restarts=1)
+  np.testing.assert_array_equal(np.asarray(restarted), np.asarray(again))
+  assert int(d2.steps) == 2 * int(d1.steps)
+  frac = [float(dj.bit_exact_fraction(x, W)) for x in (once, restarted)]
+  assert frac[1] >= frac[0] + RESTART_GAIN, frac
+  with pytest.raises(ValueError, match="restarts"):
+    dj.grid_refine(W_primes, W_cf, 4, restarts=-1)
+
+
 def test_grid_refine_batched_under_vmap():
   pairs = [bf16_stack(s, 48, 40, n=3, rank=3) for s in range(2)]
   W = jnp.stack([p[0] for p in pairs])

@@ -146,7 +146,7 @@ def interval_estimate(W_primes, M, *, estimator: str = "midrange"):
 
 
 def _refine_layer(W_primes, W0, key, *, ranks, steps, estimator, oversample,
-                  free_steps):
+                  free_steps, restarts=0):
   n, d, k = W_primes.shape
   q = min(max(ranks) + oversample, d, k)
   keep = jnp.arange(q)[None, :] < jnp.asarray(ranks)[:, None]         # [n, q]
@@ -155,10 +155,6 @@ def _refine_layer(W_primes, W0, key, *, ranks, steps, estimator, oversample,
 
   def truncate(U, S, V):
     return jnp.einsum("ndq,nkq->ndk", U * jnp.where(keep, S, 0.0)[:, None], V)
-
-  U, S, V = jax.vmap(lambda a: lowrank.svd_randomized(a, q, key, 2))(
-      Wf - W0[None])
-  M = truncate(U, S, V)
 
   def free(_, c):
     # Projection onto the updates consistent with *some* real W per entry
@@ -172,10 +168,6 @@ def _refine_layer(W_primes, W0, key, *, ranks, steps, estimator, oversample,
     U, S, V = jax.vmap(lowrank.svd_subspace)(Z, V)
     return truncate(U, S, V), V
 
-  if free_steps:
-    M, V = jax.lax.fori_loop(0, free_steps, free, (M, V))
-  W, _ = interval_estimate(W_primes, M, estimator=estimator)
-
   def body(_, c):
     # W is carried in the low-precision dtype so that it stays on the grid.
     W, M, V, _ = c
@@ -188,25 +180,41 @@ def _refine_layer(W_primes, W0, key, *, ranks, steps, estimator, oversample,
     W_new, _ = interval_estimate(W_primes, M, estimator=estimator)
     return W_new, M, V, jnp.sum(W_new != W).astype(jnp.int32)
 
-  W, M, V, changed = jax.lax.fori_loop(
-      0, steps, body, (W, M, V, jnp.asarray(0, jnp.int32)))
-  W = W.astype(jnp.float32)
+  def one_round(W0):
+    """M_i from the truncated SVD of W'_i - W0, the free projections, then
+    the alternation."""
+    U, S, V = jax.vmap(lambda a: lowrank.svd_randomized(a, q, key, 2))(
+        Wf - W0[None])
+    M = truncate(U, S, V)
+    if free_steps:
+      M, V = jax.lax.fori_loop(0, free_steps, free, (M, V))
+    W, _ = interval_estimate(W_primes, M, estimator=estimator)
+    W, M, V, changed = jax.lax.fori_loop(
+        0, steps, body, (W, M, V, jnp.asarray(0, jnp.int32)))
+    return W.astype(jnp.float32), M, changed
+
+  W, M, changed = one_round(W0)
+  if restarts:
+    W, M, changed = jax.lax.fori_loop(
+        0, restarts, lambda _, c: one_round(c[0]), (W, M, changed))
   consistent = jnp.all((lo - M <= W[None]) & (W[None] <= hi - M), axis=0)
   E = Wf - W[None] - M
   loss = jnp.mean(jnp.mean(E * E, axis=(1, 2)))
-  return W, GridDiagnostics(steps=jnp.asarray(steps, jnp.int32),
+  return W, GridDiagnostics(steps=jnp.asarray(steps * (restarts + 1),
+                                              jnp.int32),
                             changed=changed,
                             consistent_fraction=jnp.mean(consistent),
                             loss=loss)
 
 
 @functools.partial(jax.jit, static_argnames=("ranks", "steps", "estimator",
-                                             "oversample", "free_steps"))
+                                             "oversample", "free_steps",
+                                             "restarts"))
 def _refine(W_primes, W0, key, *, ranks, steps, estimator, oversample,
-            free_steps):
+            free_steps, restarts):
   fn = functools.partial(_refine_layer, ranks=ranks, steps=steps,
                          estimator=estimator, oversample=oversample,
-                         free_steps=free_steps)
+                         free_steps=free_steps, restarts=restarts)
   if W_primes.ndim == 4:
     # lax.map (a scan over layers), not jax.vmap: the vmapped program
     # deadlocks XLA:CPU (jax 0.10.2) on large batches (24 MiniLM-sized layers:
@@ -218,7 +226,8 @@ def _refine(W_primes, W0, key, *, ranks, steps, estimator, oversample,
 
 def grid_refine(W_primes, W0, rank: Rank, *, steps: int = 100,
                 estimator: str = "midrange", seed: int = 0,
-                oversample: int = 0, free_steps: int = 100):
+                oversample: int = 0, free_steps: int = 100,
+                restarts: int = 0):
   """Refines an estimate of ``W`` on the grid of low-precision inputs.
 
   Starts from ``M_i = SVD_{r_i}(W'_i - W0)`` and first takes ``free_steps``
@@ -248,6 +257,11 @@ def grid_refine(W_primes, W0, rank: Rank, *, steps: int = 100,
     seed: seed of the initial sketch.
     oversample: extra subspace columns of the M-step.
     free_steps: projections of the ``M_i`` before the alternation (0: none).
+    restarts: rounds run again from the previous round's ``W`` (the
+      truncated SVD of ``W'_i - W``, the free projections, the alternation);
+      each costs as much as the first. A better ``W`` gives better starting
+      ``M_i``, so the rounds gain where the first round's ``W`` was wrong
+      (docs/results.md, "Bit-exact weights of bf16 releases").
 
   Returns:
     ``(W, GridDiagnostics)``: float32 ``W`` on the inputs' grid.
@@ -271,13 +285,16 @@ def grid_refine(W_primes, W0, rank: Rank, *, steps: int = 100,
                      f"{tuple(W_primes.shape)}")
   n, d, k = W_primes.shape[-3:]
   ranks = normalize_ranks(rank, n, d, k)
+  if int(restarts) < 0:
+    raise ValueError(f"restarts must be >= 0, got {restarts}")
   W0 = jnp.asarray(W0, jnp.float32)
   if W0.shape != W_primes.shape[:-3] + (d, k):
     raise ValueError(f"W0 has shape {tuple(W0.shape)}, expected "
                      f"{W_primes.shape[:-3] + (d, k)}")
   return _refine(W_primes, W0, jax.random.key(seed), ranks=ranks,
                  steps=int(steps), estimator=estimator,
-                 oversample=int(oversample), free_steps=int(free_steps))
+                 oversample=int(oversample), free_steps=int(free_steps),
+                 restarts=int(restarts))
 
 
 def determined_fraction(W_primes, M, W_true):
