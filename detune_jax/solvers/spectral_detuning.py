@@ -274,8 +274,8 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
       # for the two cores: on the 1280x1280 SD layers both took about 17 ms
       # where the pass alone takes 8 and the eigh 1. In this order a 300-step
       # solve is 1.08x faster on the SD case and 1.15x on the ViT case
-      # (in-process A/B, one-off). An optimization_barrier does not order
-      # them: the executor orders thunks by the buffers they use.
+      # (in-process A/B, one-off). An optimization_barrier on (T, V) did not
+      # order them: in the trace they still ran side by side.
       T = jax.vmap(lowrank.orthonormalizer)(
           jnp.einsum("nkp,nkq->npq", V, V))
       X = jnp.einsum("nkp,npq->nkq", V, T)
