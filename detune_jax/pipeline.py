@@ -91,7 +91,9 @@ class RecoverConfig:
       takes the closed form for n >= 3 (polished by one step, refined where
       ill-posed) and
       Spectral DeTuning otherwise.
-    solver_options: extra keyword arguments of the solver.
+    solver_options: extra keyword arguments of the solver, and of the
+      dtype-aware step (``grid_restarts``, ``grid_steps``; see
+      :func:`detune_jax.solvers.registry.solve`).
     dtype_aware: for layers released in bfloat16/float16, refine the
       recovery on that dtype's grid (the base was released on it too).
     max_memory_gb: memory budget of one batch of layers.
@@ -494,7 +496,9 @@ def solve_group(group: Group, inputs: Inputs, plans: Dict[str, TensorPlan],
   L = len(group.names)
   ranks = group.ranks
   rank_arg = ranks[0] if len(set(ranks)) == 1 else tuple(ranks)
-  if (config.solver == "spectral_detuning" and not config.solver_options
+  solver_only = [k for k, _ in config.solver_options
+                 if k not in registry.GRID_OPTIONS]
+  if (config.solver == "spectral_detuning" and not solver_only
       and len(jax.local_devices()) == 1):
     # Compile from the shape before the stack is read, and give the
     # compiler's heap back (a cache hit for later groups of this shape).
@@ -766,6 +770,9 @@ def _report(config, inputs, fp, plans, groups, layers, averaged, files,
       "ground_truth": (getattr(inputs.ground_truth, "path", None)
                        if inputs.ground_truth is not None else None),
       "solver": config.solver, "dtype_aware": config.dtype_aware,
+      "solver_options": {
+          k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)
+          for k, v in config.solver_options},
       "rank": str(config.rank),
       "ambiguous_rank": str(config.ambiguous_rank), "steps": config.steps,
       "seed": config.seed, "max_memory_gb": config.max_memory_gb,

@@ -41,6 +41,10 @@ _SOLVER = flags.DEFINE_string(
 _DTYPE_AWARE = flags.DEFINE_bool(
     "dtype_aware", True, "For layers released in bfloat16/float16, refine the "
     "recovery on that dtype's grid (--nodtype_aware turns it off).")
+_GRID_RESTARTS = flags.DEFINE_integer(
+    "grid_restarts", None, "Restarts of the dtype-aware grid step (default: "
+    "detune_jax.solvers.registry.GRID_RESTARTS, one). 0: about 0.6x the "
+    "time for fewer bit-exact weights (docs/results.md).", lower_bound=0)
 _MAX_MEMORY_GB = flags.DEFINE_float("max_memory_gb", 4.0, "Memory budget of "
                                     "one batch of same-shape layers.")
 _GROUND_TRUTH = flags.DEFINE_string("ground_truth", None, "True base model, "
@@ -97,12 +101,15 @@ def main(argv):
                    solver=_SOLVER.value, max_memory_gb=_MAX_MEMORY_GB.value,
                    ambiguous_rank=_AMBIGUOUS.value, plots=_PLOTS.value,
                    dtype_aware=_DTYPE_AWARE.value)
+    if _GRID_RESTARTS.value is not None:
+      options["solver_options"] = (("grid_restarts", _GRID_RESTARTS.value),)
     if _DEMO.value or not (_MODELS.value or _LOWRA.value):
       report = pipeline.demo(_OUTPUT_DIR.value, steps=_STEPS.value,
                              seed=_SEED.value, plots=_PLOTS.value,
                              max_memory_gb=_MAX_MEMORY_GB.value,
                              solver=_SOLVER.value,
-                             dtype_aware=_DTYPE_AWARE.value)
+                             dtype_aware=_DTYPE_AWARE.value,
+                             solver_options=options.get("solver_options", ()))
       _summary(report)
       return 0
     try:

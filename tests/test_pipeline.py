@@ -255,6 +255,29 @@ def test_bf16_release_is_refined_on_the_grid_by_default(tmp_path):
   assert on["w_error"] <= off["w_error"]
 
 
+def test_grid_restarts_reach_the_grid_step(tmp_path, monkeypatch):
+  from detune_jax.solvers import grid, registry
+  models, base = make_tiny(tmp_path / "m", dtype=ml_dtypes.bfloat16)
+  seen = []
+  real = grid.grid_refine
+
+  def spy(*args, **kwargs):
+    seen.append(kwargs["restarts"])
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(grid, "grid_refine", spy)
+  default = pipeline.recover(_config(models, tmp_path / "a"),
+                             progress_bar=False)
+  assert seen and set(seen) == {registry.GRID_RESTARTS}
+  seen.clear()
+  off = pipeline.recover(_config(models, tmp_path / "b",
+                                 solver_options=(("grid_restarts", 0),)),
+                         progress_bar=False)
+  assert seen and set(seen) == {0}
+  assert default["solver_options"] == {}
+  assert off["solver_options"] == {"grid_restarts": 0}
+
+
 def test_iterative_solver_reports_its_steps_and_loss_curve(tiny_models,
                                                            tmp_path,
                                                            monkeypatch):

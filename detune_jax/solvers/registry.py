@@ -130,10 +130,12 @@ def _dtype_aware(W_primes, W, diag, rank, options, seed):
   return W, diag._replace(final_loss=gdiag.loss)
 
 
+# Options of the dtype-aware step that every solver but mean_lora takes.
+GRID_OPTIONS = ("dtype_aware", "input_dtype", "grid_steps", "grid_restarts")
+
+
 def _pop_grid_options(options):
-  return {k: options.pop(k) for k in ("dtype_aware", "input_dtype",
-                                      "grid_steps", "grid_restarts")
-          if k in options}
+  return {k: options.pop(k) for k in GRID_OPTIONS if k in options}
 
 
 @register_solver("closed_form")
