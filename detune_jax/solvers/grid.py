@@ -128,25 +128,32 @@ def interval_estimate(W_primes, M, *, estimator: str = "midrange"):
     entries whose grid value lies in all intervals.
   """
   W_primes = jnp.asarray(W_primes)
-  dtype = W_primes.dtype
-  lo, hi = rounding_interval(W_primes)
-  M = jnp.asarray(M, jnp.float32)
-  lower = jnp.max(lo - M, axis=-3)
-  upper = jnp.min(hi - M, axis=-3)
+  return _estimate(W_primes, *rounding_interval(W_primes),
+                   jnp.asarray(M, jnp.float32), estimator)
+
+
+def _intersection(lo, hi, M):
+  """``(lower, upper)``: the intersection over the stacked axis (-3) of the
+  intervals ``[lo_i - M_i, hi_i - M_i]`` that hold ``W`` given ``M``."""
+  return jnp.max(lo - M, axis=-3), jnp.min(hi - M, axis=-3)
+
+
+def _estimate(W_primes, lo, hi, M, estimator):
+  """:func:`interval_estimate` given the inputs' rounding intervals."""
+  lower, upper = _intersection(lo, hi, M)
   if estimator == "midrange":
     centre = 0.5 * (lower + upper)
   elif estimator == "mean":
     centre = stack_mean(jnp.moveaxis(W_primes.astype(jnp.float32) - M, -3, 0))
   else:
     raise ValueError(f"unknown estimator {estimator!r}")
-  W = round_to_grid(centre, dtype)
+  W = round_to_grid(centre, W_primes.dtype)
   Wf = W.astype(jnp.float32)
-  consistent = (Wf >= lower) & (Wf <= upper)
-  return W, consistent
+  return W, (Wf >= lower) & (Wf <= upper)
 
 
 def _refine_layer(W_primes, W0, key, *, ranks, steps, estimator, oversample,
-                  free_steps, restarts=0):
+                  free_steps, restarts):
   n, d, k = W_primes.shape
   q = min(max(ranks) + oversample, d, k)
   keep = jnp.arange(q)[None, :] < jnp.asarray(ranks)[:, None]         # [n, q]
@@ -163,7 +170,7 @@ def _refine_layer(W_primes, W0, key, *, ranks, steps, estimator, oversample,
     # the M_i toward them. M_i is clipped only where the intervals disagree,
     # toward the centre of their hull.
     M, V = c
-    w = 0.5 * (jnp.max(lo - M, axis=0) + jnp.min(hi - M, axis=0))
+    w = 0.5 * sum(_intersection(lo, hi, M))
     Z = jnp.clip(M, lo - w[None], hi - w[None])
     U, S, V = jax.vmap(lowrank.svd_subspace)(Z, V)
     return truncate(U, S, V), V
@@ -177,7 +184,7 @@ def _refine_layer(W_primes, W0, key, *, ranks, steps, estimator, oversample,
     Z = jnp.clip(M, lo - Wc[None], hi - Wc[None])
     U, S, V = jax.vmap(lowrank.svd_subspace)(Z, V)
     M = truncate(U, S, V)
-    W_new, _ = interval_estimate(W_primes, M, estimator=estimator)
+    W_new, _ = _estimate(W_primes, lo, hi, M, estimator)
     return W_new, M, V, jnp.sum(W_new != W).astype(jnp.int32)
 
   def one_round(W0):
@@ -188,7 +195,7 @@ def _refine_layer(W_primes, W0, key, *, ranks, steps, estimator, oversample,
     M = truncate(U, S, V)
     if free_steps:
       M, V = jax.lax.fori_loop(0, free_steps, free, (M, V))
-    W, _ = interval_estimate(W_primes, M, estimator=estimator)
+    W, _ = _estimate(W_primes, lo, hi, M, estimator)
     W, M, V, changed = jax.lax.fori_loop(
         0, steps, body, (W, M, V, jnp.asarray(0, jnp.int32)))
     return W.astype(jnp.float32), M, changed
@@ -197,7 +204,8 @@ def _refine_layer(W_primes, W0, key, *, ranks, steps, estimator, oversample,
   if restarts:
     W, M, changed = jax.lax.fori_loop(
         0, restarts, lambda _, c: one_round(c[0]), (W, M, changed))
-  consistent = jnp.all((lo - M <= W[None]) & (W[None] <= hi - M), axis=0)
+  lower, upper = _intersection(lo, hi, M)
+  consistent = (lower <= W) & (W <= upper)
   E = Wf - W[None] - M
   loss = jnp.mean(jnp.mean(E * E, axis=(1, 2)))
   return W, GridDiagnostics(steps=jnp.asarray(steps * (restarts + 1),
@@ -314,12 +322,11 @@ def determined_fraction(W_primes, M, W_true):
   W_primes, W_true = jnp.asarray(W_primes), jnp.asarray(W_true)
   lo, hi = rounding_interval(W_primes)
   M = jnp.asarray(M, jnp.float32)
-  lower = jnp.max(lo - M, axis=-3)
-  upper = jnp.min(hi - M, axis=-3)
+  lower, upper = _intersection(lo, hi, M)
   up = _next_toward(W_true, up=True).astype(jnp.float32)
   down = _next_toward(W_true, up=False).astype(jnp.float32)
   determined = jnp.mean(((up > upper) & (down < lower)).astype(jnp.float32))
-  W_mid, _ = interval_estimate(W_primes, M)
+  W_mid, _ = _estimate(W_primes, lo, hi, M, "midrange")
   return float(determined), float(bit_exact_fraction(W_mid, W_true))
 
 
