@@ -77,17 +77,19 @@ def test_grid_refine_beats_plain_rounding():
 
 def test_free_projections_before_the_alternation_gain():
   # Projecting the M_i onto updates whose rounding intervals share a point
-  # (no grid W involved) before alternating with the grid W-step: 93.1% ->
-  # 94.4% bit-exact measured here (the same gain as on real fine-tunes).
+  # (no grid W involved) before alternating with the grid W-step: 94.75% ->
+  # 95.40% bit-exact measured here with the annealed alternation (93.1% ->
+  # 94.4% snapping every entry at once; on real MiniLM fine-tunes, n=3, one
+  # restart: 95.7% -> 96.0%).
   W, W_primes = bf16_stack(0, 96, 80, n=3, rank=4)
   W_cf, _ = dj.subspace_intersection_detuning(W_primes, 4)
   frac = {f: float(dj.bit_exact_fraction(dj.grid_refine(
       W_primes, W_cf, 4, steps=60, free_steps=f)[0], W)) for f in (0, 60)}
-  assert frac[60] >= frac[0] + 0.007, frac
+  assert frac[60] >= frac[0] + 0.004, frac
 
 
-# One restart on bf16_stack(0, 96, 80, n=3, rank=4): 94.40% -> 94.80%
-# bit-exact (seeds 1, 2: +0.69, +0.35 points).
+# One restart on bf16_stack(0, 96, 80, n=3, rank=4): 95.40% -> 95.99%
+# bit-exact (seeds 1, 2: +0.72, +0.31 points).
 RESTART_GAIN = 0.003
 
 
@@ -104,6 +106,24 @@ def test_restarts_run_the_grid_step_again_from_its_own_output():
   assert frac[1] >= frac[0] + RESTART_GAIN, frac
   with pytest.raises(ValueError, match="restarts"):
     dj.grid_refine(W_primes, W_cf, 4, restarts=-1)
+
+
+# Annealed snapping on bf16_stack(seed, 96, 80, n=3, rank=4), seeds 0, 1, 2:
+# 94.40/94.56/95.09% bit-exact with every entry snapped from the start,
+# 95.40/95.57/96.04% annealed from tau = 0.2.
+ANNEAL_GAIN = 0.006
+
+
+def test_annealed_snapping_gains_over_snapping_every_entry_at_once():
+  W, W_primes = bf16_stack(0, 96, 80, n=3, rank=4)
+  W_cf, _ = dj.subspace_intersection_detuning(W_primes, 4)
+  frac = {sf: float(dj.bit_exact_fraction(dj.grid_refine(
+      W_primes, W_cf, 4, steps=60, free_steps=60, snap_from=sf)[0], W))
+          for sf in (0.5, 0.2)}
+  assert frac[0.2] >= frac[0.5] + ANNEAL_GAIN, frac
+  for bad in (-0.1, 0.6):
+    with pytest.raises(ValueError, match="snap_from"):
+      dj.grid_refine(W_primes, W_cf, 4, snap_from=bad)
 
 
 def test_grid_refine_batched_under_vmap():
