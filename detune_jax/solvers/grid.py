@@ -263,13 +263,14 @@ def grid_refine(W_primes, W0, rank: Rank, *, steps: int = 100,
   estimate of ``W``, so that entries where ``W0`` is wrong do not pull the
   ``M_i`` toward it (measured on real MiniLM fine-tunes released in bf16,
   n=3, before the alternation was annealed: 94.2% of the weights bit-exact
-  against 92.9% without, see docs/results.md). Then it alternates ``steps`` times:
-  the M-step projects each ``M_i`` onto the box of updates consistent with
-  the rounding intervals of ``W'_i`` given ``W`` (``lo_i - W <= M_i <=
-  hi_i - W``) and back onto rank ``r_i`` (one warm-started subspace-iteration
-  SVD): alternating projections, which find a low-rank update consistent
-  with every rounded entry and so beat the plain truncated SVD, whose error
-  is the noise projected on the subspaces; the W-step is
+  against 92.9% without, see docs/results.md). Then it alternates ``steps``
+  times: the M-step projects each ``M_i`` onto the box of updates
+  consistent with the rounding intervals of ``W'_i`` given ``W`` (``lo_i -
+  W <= M_i <= hi_i - W``, narrowed by ``shrink``) and back onto rank
+  ``r_i`` (one warm-started subspace-iteration SVD): alternating
+  projections, which find a low-rank update consistent with every rounded
+  entry and so beat the plain truncated SVD, whose error is the noise
+  projected on the subspaces; the W-step is
   :func:`interval_estimate`. The M-step's box is centred on the grid ``W``
   only at entries whose intersection centre lies within ``tau`` grid steps
   of it, ``tau`` growing from ``snap_from`` to 1/2 over the alternation, and
@@ -299,13 +300,13 @@ def grid_refine(W_primes, W0, rank: Rank, *, steps: int = 100,
     snap_from: the first alternation's ``tau``, in ``[0, 1/2]``; 1/2 snaps
       every entry from the start (the plain alternation).
     shrink: the fraction of each rounding interval's width taken off both
-      ends of the M-step's box (``lo_i - W + s <= M_i <= hi_i - W - s``), in
-      ``[0, 1/2)``. Projections onto a box end on its faces; a slightly
-      narrower box keeps the ``M_i`` inside the true one, so that a grid
-      value one step off is not matched as easily (real MiniLM fine-tunes
-      in bf16, n=3: 96.0% of the weights bit-exact with 0, 96.6% with
-      0.04; docs/results.md). The consistency diagnostics use the full
-      intervals.
+      ends of the M-step's box (``lo_i - W + m_i <= M_i <= hi_i - W - m_i``
+      with ``m_i = shrink (hi_i - lo_i)``), in ``[0, 1/2)``. Projections
+      onto a box end on its faces; a slightly narrower box keeps the
+      ``M_i`` inside the true one, so that a grid value one step off is not
+      matched as easily (real MiniLM fine-tunes in bf16, n=3: 96.0% of the
+      weights bit-exact with 0, 96.6% with 0.04; docs/results.md). The
+      consistency diagnostics use the full intervals.
 
   Returns:
     ``(W, GridDiagnostics)``: float32 ``W`` on the inputs' grid.
