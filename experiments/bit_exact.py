@@ -7,7 +7,10 @@ bit-exactly and the W-Error by:
 * ``closed_form`` rounded to the grid (no dtype-aware step);
 * ``auto``, the default (closed form, then :func:`detune_jax.grid_refine`
   with ``registry.GRID_RESTARTS`` restarts); ``--grid_restarts=0,1`` adds a
-  row per other number of restarts (``auto+r0``);
+  row per other number of restarts (``auto+r0``), ``--grid_snap_from`` and
+  ``--grid_shrink`` rows for other settings of the grid step's annealing
+  and narrowed box (``auto+snap0.5+shrink0`` is the sixth session's grid
+  step);
 * ``oracle``: ``grid_refine`` started from the true base (one round, no
   restart). It measures how
   much this estimator keeps when its start is right: what is lost from
@@ -26,6 +29,7 @@ bit-exactly and the W-Error by:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -53,6 +57,14 @@ flags.DEFINE_integer("grid_steps", 100, "Alternations of grid_refine.")
 flags.DEFINE_list("grid_restarts", [str(registry.GRID_RESTARTS)],
                   "Restarts of grid_refine for the auto rows: one row per "
                   "value; the default's row is 'auto', others 'auto+rN'.")
+flags.DEFINE_list("grid_snap_from", [str(grid.SNAP_FROM)],
+                  "grid_refine's snap_from for the auto rows (0.5: every "
+                  "entry snapped from the first alternation): one row per "
+                  "value and per value of the other grid flags; rows off "
+                  "the default are named e.g. 'auto+snap0.5'.")
+flags.DEFINE_list("grid_shrink", [str(grid.SHRINK)],
+                  "grid_refine's shrink for the auto rows (0: the full box), "
+                  "as --grid_snap_from; rows e.g. 'auto+shrink0'.")
 flags.DEFINE_string("minilm_dir", os.path.join("~", ".cache", "detune_jax",
                                                "minilm_finetunes"),
                     "Cache of the MiniLM fine-tunes.")
@@ -63,6 +75,18 @@ def _stack(n: int):
   return frontier.scenario_stack(
       f"{FLAGS.scenario}_bf16", n, dim=FLAGS.dim, rank=FLAGS.rank,
       layers=FLAGS.layers, shared=0.0, minilm_dir=FLAGS.minilm_dir)
+
+
+def _auto_name(restarts: int, snap_from: float, shrink: float) -> str:
+  """'auto', with a suffix for each grid setting off the default."""
+  name = "auto"
+  if restarts != registry.GRID_RESTARTS:
+    name += f"+r{restarts}"
+  if snap_from != grid.SNAP_FROM:
+    name += f"+snap{snap_from:g}"
+  if shrink != grid.SHRINK:
+    name += f"+shrink{shrink:g}"
+  return name
 
 
 def _row(name, n, W, W_true):
@@ -82,14 +106,16 @@ def main(argv: Sequence[str]) -> None:
     raw, _ = registry.solve(Wp, FLAGS.rank, solver="closed_form",
                             dtype_aware=False)
     autos = []
-    for r in (int(x) for x in FLAGS.grid_restarts):
+    for r, sf, sh in itertools.product(
+        (int(x) for x in FLAGS.grid_restarts),
+        (float(x) for x in FLAGS.grid_snap_from),
+        (float(x) for x in FLAGS.grid_shrink)):
       start = time.perf_counter()
       W_a, _ = registry.solve(Wp, FLAGS.rank, solver="auto",
-                              grid_steps=FLAGS.grid_steps, grid_restarts=r)
+                              grid_steps=FLAGS.grid_steps, grid_restarts=r,
+                              grid_snap_from=sf, grid_shrink=sh)
       W_a = np.asarray(W_a)
-      autos.append(("auto" if r == registry.GRID_RESTARTS else f"auto+r{r}",
-                    W_a,
-                    time.perf_counter() - start))
+      autos.append((_auto_name(r, sf, sh), W_a, time.perf_counter() - start))
     oracle, _ = dj.grid_refine(Wp, jnp.asarray(W_true, jnp.float32),
                                FLAGS.rank, steps=FLAGS.grid_steps)
     # The true updates: the float32 merges of the same stack, less the base.
@@ -105,7 +131,7 @@ def main(argv: Sequence[str]) -> None:
       took = "" if sec is None else f"  ({sec:.1f} s)"
       if sec is not None:
         r["seconds"] = sec
-      print(f"{FLAGS.scenario} n={n} {name:12s} bit-exact "
+      print(f"{FLAGS.scenario} n={n} {name:20s} bit-exact "
             f"{100 * r['bit_exact']:5.1f}%  W-Error {r['w_error']:7.2f}{took}",
             flush=True)
     rows.append(dict(method="data_limit", n=n, determined=determined,

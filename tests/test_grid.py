@@ -176,6 +176,18 @@ def test_registry_is_dtype_aware_by_default_and_can_be_turned_off():
                    dtype_aware=True)
 
 
+def test_registry_passes_the_grid_step_settings():
+  W, W_primes = bf16_stack(1, 64, 48, n=3, rank=4)
+  cf, _ = registry.solve(W_primes, 4, solver="closed_form", dtype_aware=False)
+  for settings in ({}, dict(snap_from=0.5, shrink=0.0)):
+    got, _ = registry.solve(
+        W_primes, 4, solver="closed_form",
+        **{"grid_" + k: v for k, v in settings.items()})
+    want, _ = dj.grid_refine(W_primes, cf, 4, restarts=registry.GRID_RESTARTS,
+                             **settings)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_bit_exact_fraction():
   a = jnp.asarray([1.0, 2.0, 3.0, 4.0], jnp.bfloat16)
   b = jnp.asarray([1.0, 2.0, 3.001, 5.0], jnp.float32)

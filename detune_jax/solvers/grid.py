@@ -31,6 +31,10 @@ from detune_jax.solvers.spectral_detuning import (Rank, normalize_ranks,
                                                   stack_mean)
 
 LOW_PRECISION_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# Defaults of grid_refine's annealing and narrowed box (docs/results.md,
+# "Bit-exact weights of bf16 releases").
+SNAP_FROM = 0.2
+SHRINK = 0.04
 _UINT = {2: jnp.uint16, 4: jnp.uint32}
 
 
@@ -252,8 +256,8 @@ def _refine(W_primes, W0, key, *, ranks, steps, estimator, oversample,
 def grid_refine(W_primes, W0, rank: Rank, *, steps: int = 100,
                 estimator: str = "midrange", seed: int = 0,
                 oversample: int = 0, free_steps: int = 100,
-                restarts: int = 0, snap_from: float = 0.2,
-                shrink: float = 0.04):
+                restarts: int = 0, snap_from: float = SNAP_FROM,
+                shrink: float = SHRINK):
   """Refines an estimate of ``W`` on the grid of low-precision inputs.
 
   Starts from ``M_i = SVD_{r_i}(W'_i - W0)`` and first takes ``free_steps``

@@ -56,8 +56,10 @@ def solve(W_primes, rank, *, solver: str = "spectral_detuning", steps: int = 300
       solver but the ``mean_lora`` baseline: ``dtype_aware`` (``None``: on
       when the inputs are bfloat16/float16; ``False``: off; ``True``: required),
       ``input_dtype`` (the release dtype when ``W_primes`` was upcast),
-      ``grid_steps`` and ``grid_restarts`` (default :data:`GRID_RESTARTS`;
-      see :func:`detune_jax.solvers.grid.grid_refine`).
+      ``grid_steps``, ``grid_restarts`` (default :data:`GRID_RESTARTS`),
+      ``grid_snap_from`` and ``grid_shrink`` (``grid_refine``'s
+      ``snap_from`` and ``shrink``; see
+      :func:`detune_jax.solvers.grid.grid_refine`).
 
   Returns:
     ``(W, diagnostics)``.
@@ -115,6 +117,9 @@ def _dtype_aware(W_primes, W, diag, rank, options, seed):
   input_dtype = options.pop("input_dtype", None)
   grid_steps = options.pop("grid_steps", 100)
   grid_restarts = options.pop("grid_restarts", GRID_RESTARTS)
+  # Left to grid_refine's own defaults unless given.
+  tuning = {name: options.pop("grid_" + name)
+            for name in ("snap_from", "shrink") if "grid_" + name in options}
   low = _grid.low_precision_dtype(W_primes)
   if input_dtype is not None and low is None:
     low = jnp.dtype(input_dtype)
@@ -128,12 +133,13 @@ def _dtype_aware(W_primes, W, diag, rank, options, seed):
                        "input_dtype=")
     return W, diag
   W, gdiag = _grid.grid_refine(W_primes, W, rank, steps=grid_steps, seed=seed,
-                               restarts=grid_restarts)
+                               restarts=grid_restarts, **tuning)
   return W, diag._replace(final_loss=gdiag.loss)
 
 
 # Options of the dtype-aware step that every solver but mean_lora takes.
-GRID_OPTIONS = ("dtype_aware", "input_dtype", "grid_steps", "grid_restarts")
+GRID_OPTIONS = ("dtype_aware", "input_dtype", "grid_steps", "grid_restarts",
+                "grid_snap_from", "grid_shrink")
 
 
 def _pop_grid_options(options):
