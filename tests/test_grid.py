@@ -127,22 +127,19 @@ def test_restarts_run_the_grid_step_again_from_its_own_output():
     dj.grid_refine(W_primes, W_cf, 4, restarts=-1)
 
 
-def test_annealed_snapping_gains_over_snapping_every_entry_at_once():
-  off, on = (_mean_bit_exact(free_steps=60, snap_from=sf) for sf in (0.5, 0.2))
-  assert on >= off + ANNEAL_GAIN, (off, on)
-  W, W_primes = bf16_stack(0, 96, 80, n=3, rank=4)
-  for bad in (-0.1, 0.6):
-    with pytest.raises(ValueError, match="snap_from"):
-      dj.grid_refine(W_primes, W_primes[0], 4, snap_from=bad)
-
-
-def test_narrowed_box_gains():
-  off, on = (_mean_bit_exact(free_steps=60, shrink=sh) for sh in (0.0, 0.04))
-  assert on >= off + SHRINK_GAIN, (off, on)
-  W, W_primes = bf16_stack(0, 96, 80, n=3, rank=4)
-  for bad in (-0.01, 0.5):
-    with pytest.raises(ValueError, match="shrink"):
-      dj.grid_refine(W_primes, W_primes[0], 4, shrink=bad)
+@pytest.mark.parametrize("option, off, on, gain, bad", [
+    # Annealed snapping against every entry snapped from the first step.
+    ("snap_from", 0.5, 0.2, ANNEAL_GAIN, (-0.1, 0.6)),
+    # The narrowed box against the full one.
+    ("shrink", 0.0, 0.04, SHRINK_GAIN, (-0.01, 0.5)),
+])
+def test_grid_step_settings_gain_and_are_checked(option, off, on, gain, bad):
+  frac = {v: _mean_bit_exact(free_steps=60, **{option: v}) for v in (off, on)}
+  assert frac[on] >= frac[off] + gain, frac
+  _, W_primes = bf16_stack(0, 96, 80, n=3, rank=4)
+  for value in bad:
+    with pytest.raises(ValueError, match=option):
+      dj.grid_refine(W_primes, W_primes[0], 4, **{option: value})
 
 
 def test_grid_refine_batched_under_vmap():
