@@ -113,7 +113,7 @@ def test_free_projections_before_the_alternation_gain():
 
 
 def test_restarts_run_the_grid_step_again_from_its_own_output():
-  W, W_primes = bf16_stack(0, 96, 80, n=3, rank=4)
+  _, W_primes = bf16_stack(0, 96, 80, n=3, rank=4)
   W_cf, _ = dj.subspace_intersection_detuning(W_primes, 4)
   once, d1 = dj.grid_refine(W_primes, W_cf, 4, steps=60, free_steps=60)
   again, _ = dj.grid_refine(W_primes, once, 4, steps=60, free_steps=60)
@@ -174,7 +174,7 @@ def test_registry_is_dtype_aware_by_default_and_can_be_turned_off():
 
 
 def test_registry_passes_the_grid_step_settings():
-  W, W_primes = bf16_stack(1, 64, 48, n=3, rank=4)
+  _, W_primes = bf16_stack(1, 64, 48, n=3, rank=4)
   cf, _ = registry.solve(W_primes, 4, solver="closed_form", dtype_aware=False)
   for settings in ({}, dict(snap_from=0.5, shrink=0.0)):
     got, _ = registry.solve(
