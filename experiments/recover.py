@@ -43,8 +43,9 @@ _DTYPE_AWARE = flags.DEFINE_bool(
     "recovery on that dtype's grid (--nodtype_aware turns it off).")
 _GRID_RESTARTS = flags.DEFINE_integer(
     "grid_restarts", None, "Restarts of the dtype-aware grid step (default: "
-    "detune_jax.solvers.registry.GRID_RESTARTS, one). 0: about 0.6x the "
-    "time for fewer bit-exact weights (docs/results.md).", lower_bound=0)
+    "detune_jax.solvers.registry.GRID_RESTARTS, one). 0: about 0.5-0.8x "
+    "the time for 0.03-0.2 points fewer bit-exact weights on real "
+    "fine-tunes (docs/results.md).", lower_bound=0)
 _MAX_MEMORY_GB = flags.DEFINE_float("max_memory_gb", 4.0, "Memory budget of "
                                     "one batch of same-shape layers.")
 _GROUND_TRUTH = flags.DEFINE_string("ground_truth", None, "True base model, "
