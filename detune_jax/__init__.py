@@ -26,8 +26,9 @@ from detune_jax.solvers import (Diagnostics, RankEstimate, RankEstimationError,
                                 precompile,
                                 rank_schedule_init, rank_schedule_step,
                                 spectral_detuning, truncated_svd)
-from detune_jax.solvers import (GridDiagnostics, IntersectionDiagnostics,
-                                NotIdentifiableError, bit_exact_fraction,
+from detune_jax.solvers import (Explanation, GridDiagnostics,
+                                IntersectionDiagnostics, NotIdentifiableError,
+                                bit_exact_fraction, explain_releases,
                                 grid_refine, interval_estimate, round_to_grid,
                                 rounding_interval,
                                 subspace_intersection_detuning)

@@ -14,6 +14,7 @@ from detune_jax.solvers.spectral_detuning import (Diagnostics, precompile,
 from detune_jax.solvers.closed_form import (IntersectionDiagnostics,
                                             NotIdentifiableError,
                                             subspace_intersection_detuning)
-from detune_jax.solvers.grid import (GridDiagnostics, bit_exact_fraction,
+from detune_jax.solvers.grid import (Explanation, GridDiagnostics,
+                                     bit_exact_fraction, explain_releases,
                                      grid_refine, interval_estimate,
                                      round_to_grid, rounding_interval)
