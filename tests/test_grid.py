@@ -227,6 +227,11 @@ def test_explain_releases_gives_a_witness_for_the_true_base_only():
       np.float32).astype(ml_dtypes.bfloat16)
   np.testing.assert_array_equal(released.view(np.uint16),
                                 np.asarray(W_primes[0]).view(np.uint16))
+  # float16 releases: the true base explained, one of the releases not.
+  W16, W16_primes = bf16_stack(4, 96, 80, n=3, rank=8, dtype=jnp.float16)
+  assert bool(dj.explain_releases(W16_primes, W16, 8).explained)
+  assert not bool(dj.explain_releases(W16_primes, W16_primes[0], 8,
+                                      max_steps=1000).explained)
   with pytest.raises(ValueError, match="bfloat16 or float16"):
     dj.explain_releases(W_primes.astype(jnp.float32), W_bad, 8)
   with pytest.raises(ValueError, match="relax"):
