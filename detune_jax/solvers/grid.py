@@ -253,6 +253,19 @@ def _refine(W_primes, W0, key, *, ranks, steps, estimator, oversample,
   return fn(W_primes, W0, key)
 
 
+def _checked_releases(W_primes, rank: Rank, caller: str):
+  """``(W_primes, ranks)`` of a low-precision ``[n, d, k]`` or ``[L, n, d,
+  k]`` stack, or a ValueError naming ``caller``."""
+  W_primes = jnp.asarray(W_primes)
+  if low_precision_dtype(W_primes) is None:
+    raise ValueError(f"{caller} needs bfloat16 or float16 inputs, got "
+                     f"{W_primes.dtype}")
+  if W_primes.ndim not in (3, 4):
+    raise ValueError("W_primes must be [n, d, k] or [L, n, d, k], got shape "
+                     f"{tuple(W_primes.shape)}")
+  return W_primes, normalize_ranks(rank, *W_primes.shape[-3:])
+
+
 def grid_refine(W_primes, W0, rank: Rank, *, steps: int = 100,
                 estimator: str = "midrange", seed: int = 0,
                 oversample: int = 0, free_steps: int = 100,
@@ -325,15 +338,8 @@ def grid_refine(W_primes, W0, rank: Rank, *, steps: int = 100,
   >>> W_rec.dtype == jnp.float32
   True
   """
-  W_primes = jnp.asarray(W_primes)
-  if low_precision_dtype(W_primes) is None:
-    raise ValueError("grid_refine needs bfloat16 or float16 inputs, got "
-                     f"{W_primes.dtype}")
-  if W_primes.ndim not in (3, 4):
-    raise ValueError("W_primes must be [n, d, k] or [L, n, d, k], got shape "
-                     f"{tuple(W_primes.shape)}")
-  n, d, k = W_primes.shape[-3:]
-  ranks = normalize_ranks(rank, n, d, k)
+  W_primes, ranks = _checked_releases(W_primes, rank, "grid_refine")
+  d, k = W_primes.shape[-2:]
   if int(restarts) < 0:
     raise ValueError(f"restarts must be >= 0, got {restarts}")
   if not 0.0 <= float(snap_from) <= 0.5:
@@ -471,15 +477,8 @@ def explain_releases(W_primes, W, rank: Rank, *, max_steps: int = 16000,
   >>> bool(explain_releases(W_primes, W_primes[0], 2, max_steps=500).explained)
   False
   """
-  W_primes = jnp.asarray(W_primes)
-  if low_precision_dtype(W_primes) is None:
-    raise ValueError("explain_releases needs bfloat16 or float16 releases, "
-                     f"got {W_primes.dtype}")
-  if W_primes.ndim not in (3, 4):
-    raise ValueError("W_primes must be [n, d, k] or [L, n, d, k], got shape "
-                     f"{tuple(W_primes.shape)}")
-  n, d, k = W_primes.shape[-3:]
-  ranks = normalize_ranks(rank, n, d, k)
+  W_primes, ranks = _checked_releases(W_primes, rank, "explain_releases")
+  d, k = W_primes.shape[-2:]
   W = np.asarray(jnp.asarray(W, jnp.float32), np.float64)
   if W.shape != W_primes.shape[:-3] + (d, k):
     raise ValueError(f"W has shape {W.shape}, expected "
