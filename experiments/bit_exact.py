@@ -84,7 +84,7 @@ flags.DEFINE_bool("explain", False, "Also look for rank-r updates with which "
                   "the default auto row's base and the true base reproduce "
                   "every released value (grid.explain_releases; float64, "
                   "up to a minute per MiniLM layer).")
-flags.DEFINE_integer("explain_steps", 16000, "explain_releases's max_steps.")
+flags.DEFINE_integer("explain_steps", 32000, "explain_releases's max_steps.")
 
 
 def _stack(n: int):
