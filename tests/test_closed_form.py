@@ -1,6 +1,5 @@
 """Closed-form detuning by subspace intersection: exactness, n=2, API."""
 
-import time
 
 import jax
 import jax.numpy as jnp
@@ -47,19 +46,17 @@ def test_n3_exact_recovery_small():
 
 @pytest.mark.slow
 def test_n3_vit_shape_float32_precision_one_shot():
-  """Issue 5: W-Error <= -15 at 768x768, r=16, far faster than 300 steps."""
+  """Issue 5: W-Error <= -15 at 768x768, r=16, in one shot.
+
+  How much faster that is than 300 steps is measured by the benchmark
+  binary (``python -m experiments.bench_closed_form``, docs/results.md),
+  not here: a timed test failed on a loaded machine (the closed form took
+  0.6-9 s beside another job, 0.085 s alone; one-off).
+  """
   W, W_primes = lora_stack(0, 768, 768, n=3, rank=16)
-  dj.subspace_intersection_detuning(W_primes, 16)[0].block_until_ready()
-  t0 = time.perf_counter()
-  W_rec, _ = dj.subspace_intersection_detuning(W_primes, 16)
-  W_rec.block_until_ready()
-  t_cf = time.perf_counter() - t0
+  W_rec, diag = dj.subspace_intersection_detuning(W_primes, 16)
   assert float(dj.w_error(W_rec, W)) <= -15.0
-  dj.spectral_detuning(W_primes, 16, 300)[0].block_until_ready()
-  t0 = time.perf_counter()
-  dj.spectral_detuning(W_primes, 16, 300)[0].block_until_ready()
-  t_sd = time.perf_counter() - t0
-  assert t_cf < t_sd / 3, (t_cf, t_sd)
+  assert int(diag.steps) == 0          # no refinement step was needed
 
 
 def test_n2_is_a_clear_error():

@@ -503,14 +503,18 @@ def explain_releases(W_primes, W, rank: Rank, *, max_steps: int = 32000,
 
 
 def determined_fraction(W_primes, M, W_true):
-  """What the data allow: the share of weights the releases determine.
+  """An upper bound on what the data allow: the share of weights the
+  releases determine *if the updates were known*.
 
   Given the *true* updates ``M`` (``[..., n, d, k]`` float32, e.g. the
   float32 ``W'_i - W`` of a synthetic release), an entry of ``W_true`` is
   determined when the intersection of its rounding intervals ``[lo_i -
   M_i, hi_i - M_i]`` holds no other grid point: no estimator that reads
-  only the releases can pin more entries. Evaluation only (it needs the
-  truth).
+  only the releases can pin more entries. The releases alone can pin fewer,
+  since the updates are unknown too: where two bases that both
+  :func:`explain_releases` differ, neither is determined (on real MiniLM
+  fine-tunes in bf16 that bound is 2 points lower; docs/results.md).
+  Evaluation only (it needs the truth).
 
   Returns:
     ``(determined, midrange)``: that share, and the bit-exact share of
