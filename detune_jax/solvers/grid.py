@@ -513,7 +513,7 @@ def determined_fraction(W_primes, M, W_true):
   only the releases can pin more entries. The releases alone can pin fewer,
   since the updates are unknown too: where two bases that both
   :func:`explain_releases` differ, neither is determined (on real MiniLM
-  fine-tunes in bf16 that bound is 2 points lower; docs/results.md).
+  fine-tunes in bf16 that bound is 1.7-1.9 points lower; docs/results.md).
   Evaluation only (it needs the truth).
 
   Returns:
