@@ -1,6 +1,5 @@
 """Closed-form detuning by subspace intersection: exactness, n=2, API."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
