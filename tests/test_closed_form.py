@@ -49,8 +49,9 @@ def test_n3_vit_shape_float32_precision_one_shot():
 
   How much faster that is than 300 steps is measured by the benchmark
   binary (``python -m experiments.bench_closed_form``, docs/results.md),
-  not here: a timed test failed on a loaded machine (the closed form took
-  0.6-9 s beside another job, 0.085 s alone; one-off).
+  not here: the timed version failed in 3 of 5 runs in the eighth session
+  (the closed form took 0.6-9 s beside another job, 0.085 s alone, against
+  0.35-0.42 s for 300 steps; one-off).
   """
   W, W_primes = lora_stack(0, 768, 768, n=3, rank=16)
   W_rec, diag = dj.subspace_intersection_detuning(W_primes, 16)
