@@ -247,3 +247,22 @@ def test_grid_step_output_is_explained_by_the_releases():
   W_g, _ = dj.grid_refine(W_primes, W_cf, 8)
   assert 0.85 < float(dj.bit_exact_fraction(W_g, W)) < 1.0
   assert bool(dj.explain_releases(W_primes, W_g, 8).explained)
+
+
+def test_explain_releases_reproduces_released_zeros():
+  # A zero row in the base and in every LoRA's B: the releases hold exact
+  # zeros, which a float64 witness can only match to its own precision.
+  key = jax.random.key(0)
+  W = (jax.random.normal(key, (48, 40)) * 0.02).at[0].set(0.0)
+  W = W.astype(jnp.bfloat16)
+  B = jax.random.normal(jax.random.fold_in(key, 1), (3, 48, 4)) * 0.02
+  A = jax.random.normal(jax.random.fold_in(key, 2), (3, 4, 40)) * 0.02
+  W_primes = (W.astype(jnp.float32)[None] + B.at[:, 0].set(0.0) @ A).astype(
+      jnp.bfloat16)
+  assert int(jnp.sum(W_primes == 0)) >= 120
+  ex = dj.explain_releases(W_primes, W, 4, max_steps=4000)
+  assert bool(ex.explained) and float(ex.reproduced) == 1.0
+  # A base that is not zero there does not explain them.
+  W_bad = W.astype(jnp.float32).at[0, :5].set(0.01)
+  assert not bool(dj.explain_releases(W_primes, W_bad, 4,
+                                      max_steps=1000).explained)
