@@ -127,10 +127,7 @@ def _explain_rows(rows, n, Wp, W_true, candidates) -> None:
     ex = grid.explain_releases(Wp, np.asarray(W, np.float32), FLAGS.rank,
                                max_steps=FLAGS.explain_steps)
     explained = np.asarray(ex.explained).reshape(truth.shape[:-2])
-    # Bit for bit, as bit_exact_fraction counts.
-    bits = "u%d" % truth.dtype.itemsize
-    same = (np.asarray(W, np.float32).astype(truth.dtype).view(bits)
-            == truth.view(bits))
+    same = np.asarray(grid.bit_exact_mask(np.asarray(W, np.float32), truth))
     agree &= same | ~explained[..., None, None]
     row = dict(method=f"explain_{name}", n=n,
                explained_layers=int(np.sum(explained)),

@@ -157,20 +157,34 @@ def _estimate(W_primes, lo, hi, M, estimator):
   return W, (Wf >= lower) & (Wf <= upper), centre
 
 
+def _truncation(ranks, q: int):
+  """``truncate(U, S, V)``: the updates ``U_i diag(S_i) V_i^T`` of ``q``
+  leading triplets, keeping LoRA ``i``'s first ``ranks[i]`` of them."""
+  keep = jnp.arange(q)[None, :] < jnp.asarray(ranks)[:, None]         # [n, q]
+
+  def truncate(U, S, V):
+    return jnp.einsum("ndq,nkq->ndk", U * jnp.where(keep, S, 0.0)[:, None], V)
+
+  return truncate
+
+
+def _narrowed(lo, hi, fraction):
+  """The intervals ``[lo, hi]`` less ``fraction`` of their width at both
+  ends."""
+  margin = fraction * (hi - lo)
+  return lo + margin, hi - margin
+
+
 def _refine_layer(W_primes, W0, key, *, ranks, steps, estimator, oversample,
                   free_steps, restarts, snap_from, shrink):
   n, d, k = W_primes.shape
   q = min(max(ranks) + oversample, d, k)
-  keep = jnp.arange(q)[None, :] < jnp.asarray(ranks)[:, None]         # [n, q]
+  truncate = _truncation(ranks, q)
   Wf = W_primes.astype(jnp.float32)
   lo, hi = rounding_interval(W_primes)
   # The alternation's box, narrowed by `shrink` of each interval's width at
   # both ends.
-  margin = shrink * (hi - lo)
-  lo_in, hi_in = lo + margin, hi - margin
-
-  def truncate(U, S, V):
-    return jnp.einsum("ndq,nkq->ndk", U * jnp.where(keep, S, 0.0)[:, None], V)
+  lo_in, hi_in = _narrowed(lo, hi, shrink)
 
   def free(_, c):
     # Projection onto the updates consistent with *some* real W per entry
@@ -378,14 +392,10 @@ def _explain_layer(W_primes, lo, hi, W, key, *, ranks, max_steps, check_every,
                    margin, relax):
   n, d, k = W_primes.shape
   q = max(ranks)
-  keep = jnp.arange(q)[None, :] < jnp.asarray(ranks)[:, None]         # [n, q]
-  m = margin * (hi - lo)
-  box_lo, box_hi = lo + m - W[None], hi - m - W[None]
+  truncate = _truncation(ranks, q)
+  box_lo, box_hi = (x - W[None] for x in _narrowed(lo, hi, margin))
   nbits = _UINT[W_primes.dtype.itemsize]
   released = jax.lax.bitcast_convert_type(W_primes, nbits)
-
-  def truncate(U, S, V):
-    return jnp.einsum("ndq,nkq->ndk", U * jnp.where(keep, S, 0.0)[:, None], V)
 
   def project(_, c):
     M, V = c
@@ -544,20 +554,26 @@ def determined_fraction(W_primes, M, W_true):
   return float(determined), float(bit_exact_fraction(W_mid, W_true))
 
 
-def bit_exact_fraction(W, W_true):
-  """Fraction of entries of ``W`` that equal ``W_true`` bit for bit.
+def bit_exact_mask(W, W_true):
+  """Bool mask of the entries of ``W`` that equal ``W_true`` bit for bit.
 
   ``W`` is rounded to ``W_true``'s dtype first (as a release would be).
-
-  >>> import jax.numpy as jnp
-  >>> float(bit_exact_fraction(jnp.asarray([1.0, 2.0]), jnp.asarray([1.0, 3.0])))
-  0.5
   """
   W_true = jnp.asarray(W_true)
   W = jnp.asarray(W).astype(W_true.dtype)
   n = W_true.dtype.itemsize
   if n not in _UINT:
-    return jnp.mean((W == W_true).astype(jnp.float32))
-  same = (jax.lax.bitcast_convert_type(W, _UINT[n]) ==
+    return W == W_true
+  return (jax.lax.bitcast_convert_type(W, _UINT[n]) ==
           jax.lax.bitcast_convert_type(W_true, _UINT[n]))
-  return jnp.mean(same.astype(jnp.float32))
+
+
+def bit_exact_fraction(W, W_true):
+  """Fraction of entries of ``W`` that equal ``W_true`` bit for bit
+  (:func:`bit_exact_mask`).
+
+  >>> import jax.numpy as jnp
+  >>> float(bit_exact_fraction(jnp.asarray([1.0, 2.0]), jnp.asarray([1.0, 3.0])))
+  0.5
+  """
+  return jnp.mean(bit_exact_mask(W, W_true).astype(jnp.float32))
