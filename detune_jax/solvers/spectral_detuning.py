@@ -132,6 +132,17 @@ def _lowrank_apply(P, V, X):
   return jnp.einsum("jdq,ijqp->idp", P, G) / P.shape[0]
 
 
+def _lowrank_apply_rows(P, V):
+  """``(E V_i, T_i)`` for every i, with ``E = mean_j P_j V_j^T``: the product
+  :func:`_lowrank_apply` with ``X = V``, and from the diagonal blocks
+  ``V_i^T V_i`` of its Gram matrix the ``[n, q, q]`` transforms ``T_i`` with
+  ``V_i T_i`` orthonormal (see :func:`lowrank.orthonormalizer`)."""
+  G = jnp.einsum("jkq,ikp->ijqp", V, V)                      # V_j^T V_i
+  EV = jnp.einsum("jdq,ijqp->idp", P, G) / P.shape[0]
+  VtV = jnp.moveaxis(jnp.diagonal(G, axis1=0, axis2=1), -1, 0)
+  return EV, jax.vmap(lowrank.orthonormalizer)(VtV)
+
+
 def _lowrank_apply_t(P, V, Q):
   """``Q_i^T @ E`` for every i, with ``E = mean_j P_j V_j^T``; Q: [n, d, p]."""
   G = jnp.einsum("idp,jdq->ijpq", Q, P)                      # Q_i^T P_j
@@ -247,7 +258,7 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
     P, V = state
     return jnp.einsum("jdq,jkq->dk", P, V) / n
 
-  def m_step(state, V, t, side="both", U_in=None, corr=None):
+  def m_step(state, V, t, side="both", U_in=None, corr=None, T=None):
     """Returns ``(U [n,d,q], S [n,q], V [n,k,q], <D_i, U_i S_i V_i^T>-helper)``.
 
     ``side`` (``"subspace"`` only): ``"both"`` takes one block power step
@@ -258,41 +269,37 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
     ``corr``: the state's correction already formed by the previous step,
     ``E V_i`` (``"right"``) or ``U_in_i^T E`` (``"left"``); the alternating
     steps, the only callers of those sides, always give it. ``"both"``
-    forms its correction here.
+    forms its correction here. ``T`` (``"right"``): the ``[n, q, q]``
+    transform with ``V_i T_i`` orthonormal (:func:`_lowrank_apply_rows`).
     """
     qw = V.shape[-1]
     if svd == "subspace" and side == "right":
-      # The Rayleigh-Ritz step needs an orthonormal X = V T; the left
-      # step's V is one only in its informative columns (the rest are fill).
-      # (A Cholesky factorization was tried instead of the eigh and dropped:
-      # XLA:CPU's batched triangular solve cost as much as the pass over the
-      # stack.)
-      #
-      # X is formed before the pass, which then waits for the eigh. Run side
-      # by side (as when the pass was D_i V_i and T was applied after it),
+      # The Rayleigh-Ritz step in the row space of V, whose orthonormal basis
+      # is X = V T (the left step's V is orthonormal only in its informative
+      # columns; the rest are fill). T comes with the state: the left step
+      # forms it from the Gram matrices V_i^T V_i of its E V_i product, so
+      # no eigh waits here and none runs beside the pass. (Run side by side,
       # XLA:CPU's executor let the single-threaded eigh and the pass compete
       # for the two cores: on the 1280x1280 SD layers both took about 17 ms
-      # where the pass alone takes 8 and the eigh 1. In this order a 300-step
-      # solve is 1.08x faster on the SD case and 1.15x on the ViT case
-      # (in-process A/B, one-off). An optimization_barrier on (T, V) did not
-      # order them: in the trace they still ran side by side.
-      T = jax.vmap(lowrank.orthonormalizer)(
-          jnp.einsum("nkp,nkq->npq", V, V))
-      X = jnp.einsum("nkp,npq->nkq", V, T)
-      Z_d = jnp.einsum("ndk,nkq->ndq", D, X)                     # D_i X_i
-      Z = Z_d + jnp.einsum("ndp,npq->ndq", corr, T)              # R_i X_i
-      # R_i X_i = U_i diag(S) w_i^T from its Gram matrix. Columns of U are
-      # orthonormal to rounding only where S is well above float32 noise
-      # (the left step relies on it): rtol 1e-3 on S is the cut of
-      # lowrank.orthonormalize (1e-6 on the eigenvalues); the columns below
-      # it are zero.
-      G = jnp.einsum("ndp,ndr->npr", Z, Z)
+      # where the pass alone takes 8 and the eigh 1.) X itself is never
+      # formed: R_i X_i = (D_i V_i + E V_i) T_i, so the pass is D_i V_i and
+      # the products with T, w are q x q.
+      Y = jnp.einsum("ndk,nkq->ndq", D, V)                       # D_i V_i
+      Yc = Y + corr                                              # R_i V_i
+      # R_i X_i = U_i diag(S) w_i^T from its Gram matrix T^T Yc^T Yc T.
+      # Columns of U are orthonormal to rounding only where S is well above
+      # float32 noise (the left step relies on it): rtol 1e-3 on S is the
+      # cut of lowrank.orthonormalize (1e-6 on the eigenvalues); the columns
+      # below it are zero.
+      H = jnp.einsum("ndp,ndr->npr", Yc, Yc)
+      G = jnp.einsum("npq,npr,nrs->nqs", T, H, T)
       w, S, inv = jax.vmap(lowrank.svd_of_gram, in_axes=(0, None))(G, 1e-3)
       S = jnp.where(inv > 0, S, 0.0)     # as U: the loss counts sum S^2
-      U = jnp.einsum("ndp,npq->ndq", Z, w * inv[:, None, :])
-      V_new = jnp.einsum("nkp,npq->nkq", X, w)
-      # diag(U_i^T D_i V_new_i) = diag(U_i^T Z_d_i w_i).
-      DV = jnp.einsum("ndp,ndq,nqp->np", U, Z_d, w)
+      Tw = jnp.einsum("npq,nqr->npr", T, w)
+      U = jnp.einsum("ndp,npq->ndq", Yc, Tw * inv[:, None, :])
+      V_new = jnp.einsum("nkp,npq->nkq", V, Tw)
+      # diag(U_i^T D_i V_new_i) = diag(U_i^T Y_i T_i w_i).
+      DV = jnp.einsum("ndp,ndq,nqp->np", U, Y, Tw)
       return U, S, V_new, DV
     if svd == "subspace":
       if side == "left":
@@ -346,13 +353,14 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
     total = sum_d2 - 2.0 * jnp.sum(S_m * DV) + jnp.sum(S_m * S_m) - jnp.sum(em)
     return jnp.maximum(total, 0.0) * scale
 
-  def step(t, state, V, sched, side="both", U_in=None, corr=None):
+  def step(t, state, V, sched, side="both", U_in=None, corr=None, T=None):
     """One M-step and W-step. Returns ``(cur, (P, V), loss, w_err, U,
     nxt)``; ``nxt`` (alternating steps only): the new state's correction
     the next step takes as ``corr`` (``U_i^T E`` after a right step, whose
-    ``U`` the left step uses; ``E V_i`` after a left step)."""
+    ``U`` the left step uses; ``(E V_i, T_i)`` after a left step, with the
+    ``T`` the right step takes)."""
     cur = jnp.minimum(sched.rank, ranks_arr)                      # [n]
-    U, S, V_new, DV = m_step(state, V, t, side, U_in, corr)
+    U, S, V_new, DV = m_step(state, V, t, side, U_in, corr, T)
     cols = jnp.arange(V_new.shape[-1])
     S_m = jnp.where(cols[None, :] < cur[:, None], S, 0.0)
     P = U * S_m[:, None, :]
@@ -362,8 +370,8 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
       nxt = _lowrank_apply_t(P, V_new, U)                        # U_i^T E
       em = jnp.einsum("ip,ipk,ikp->i", S_m, nxt, V_new)
     elif side == "left":
-      nxt = _lowrank_apply(P, V_new, V_new)                      # E V_i
-      em = jnp.einsum("idp,idp->i", nxt, P)
+      nxt = _lowrank_apply_rows(P, V_new)                        # E V_i, T_i
+      em = jnp.einsum("idp,idp->i", nxt[0], P)
     if nxt is None or exact_loss:
       loss = loss_of(P, V_new, S_m, DV, E)
     else:
@@ -435,19 +443,21 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
     is kept only if it is due (``stop``, ``tol``, still in this phase);
     otherwise its work is discarded and the loop continues from the first.
 
-    The carry's factors are ``(P, V, E V_i)``: each step forms the product
-    of its new ``E`` that the next step needs (and reads ``n ||E||^2`` of
-    its loss off it). A discarded second step ends the phase's loop for
-    that layer (``stop``, ``tol`` or the phase's bound), so its ``E V_i``
-    is kept whatever ``ok`` says: the next phase forms its own.
+    The carry's factors are ``(P, V, E V_i, T_i)``: each step forms the
+    product of its new ``E`` that the next step needs (and reads ``n
+    ||E||^2`` of its loss off it); the left step also the transform ``T_i``
+    that makes ``V_i`` orthonormal for the right step. A discarded second
+    step ends the phase's loop for that layer (``stop``, ``tol`` or the
+    phase's bound), so its ``E V_i`` and ``T_i`` are kept whatever ``ok``
+    says: the next phase forms its own.
     """
-    t, (P, V, EV), sched, loss_tr, rank_tr, werr_tr, prev_loss, _ = c
+    t, (P, V, EV, T), sched, loss_tr, rank_tr, werr_tr, prev_loss, _ = c
     cur1, fac1, loss1, werr1, U1, UtE = step(t, (P, V), V, sched, "right",
-                                             corr=EV)
+                                             corr=EV, T=T)
     sched1 = rank_schedule_step(schedule, sched, loss1, t + 1, r_end, steps)
     done1 = converged(cur1, prev_loss, loss1)
-    cur2, fac2, loss2, werr2, _, EV2 = step(t + 1, fac1, fac1[1], sched1,
-                                            "left", U1, corr=UtE)
+    cur2, fac2, loss2, werr2, _, nxt2 = step(t + 1, fac1, fac1[1], sched1,
+                                             "left", U1, corr=UtE)
     sched2 = rank_schedule_step(schedule, sched1, loss2, t + 2, r_end, steps)
     done2 = converged(cur2, loss1, loss2)
     ok = (t + 1 < stop) & ~done1
@@ -462,7 +472,7 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
     if trace:
       werr_tr = werr_tr.at[t].set(werr1)
       werr_tr = werr_tr.at[t2].set(jnp.where(ok, werr2, werr_tr[t2]))
-    return (jnp.where(ok, t + 2, t + 1), pick(fac2, fac1) + (EV2,),
+    return (jnp.where(ok, t + 2, t + 1), pick(fac2, fac1) + nxt2,
             pick(sched2, sched1), loss_tr, rank_tr, werr_tr,
             jnp.where(ok, loss2, loss1), jnp.where(ok, done2, done1))
 
@@ -483,7 +493,7 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
       P = jnp.concatenate([P, jnp.zeros((n, d, qb - qa), P.dtype)], -1)
       V = jnp.concatenate(
           [V, jnp.broadcast_to(omega[:, qa:qb], (n, k, qb - qa))], -1)
-    fac = (P, V, _lowrank_apply(P, V, V)) if alternating else (P, V)
+    fac = (P, V) + _lowrank_apply_rows(P, V) if alternating else (P, V)
     c = c[:1] + (fac,) + c[2:]
 
     def cond(c, bound=bound, last_phase=last_phase):
