@@ -301,6 +301,25 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
       # diag(U_i^T D_i V_new_i) = diag(U_i^T Y_i T_i w_i).
       DV = jnp.einsum("ndp,ndq,nqp->np", U, Y, Tw)
       return U, S, V_new, DV
+    if svd == "subspace" and side == "left_full":
+      # The left step when every LoRA works at the full width q (the end
+      # rank, no oversampling): the M-step keeps all of R_i's projection,
+      # M_i = Q_i Q_i^T R_i = Q_i B_i, so no SVD is needed. The factors are
+      # U = Q, S_p = ||B_i[p]|| and V_new[:, p] = B_i[p]^T / S_p: unit but not
+      # orthogonal columns (the right step's T makes them so), ||M_i||^2 =
+      # sum S^2 as Q is orthonormal, and <D_i, M_i> = <Q_i^T D_i, B_i>.
+      # Rows of B at zero (the columns of Q the right step cut) take the
+      # fill columns, as in lowrank.svd_rows.
+      B_d = _left_products(U_in, D, batch)                       # Q_i^T D_i
+      B = B_d + corr
+      S = jnp.sqrt(jnp.sum(B * B, axis=2))                       # [n, q]
+      keep = S > 1e-6 * jnp.max(S, axis=1, keepdims=True)
+      inv = jnp.where(keep, 1.0 / jnp.where(keep, S, 1.0), 0.0)
+      V_new = jnp.where(keep[:, None, :],
+                        jnp.swapaxes(B, 1, 2) * inv[:, None, :],
+                        omega[:, :qw])
+      DV = jnp.sum(B_d * B, axis=2) * inv
+      return U_in, jnp.where(keep, S, 0.0), V_new, DV
     if svd == "subspace":
       if side == "left":
         Q = U_in
@@ -369,7 +388,7 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
     if side == "right":
       nxt = _lowrank_apply_t(P, V_new, U)                        # U_i^T E
       em = jnp.einsum("ip,ipk,ikp->i", S_m, nxt, V_new)
-    elif side == "left":
+    elif side in ("left", "left_full"):
       nxt = _lowrank_apply_rows(P, V_new)                        # E V_i, T_i
       em = jnp.einsum("idp,idp->i", nxt[0], P)
     if nxt is None or exact_loss:
@@ -434,7 +453,7 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
     return (t + 1, fac_new, sched, loss_tr.at[t].set(loss),
             rank_tr.at[t].set(cur), werr_tr, loss, done)
 
-  def body_alternating(c, bound, last_phase):
+  def body_alternating(c, bound, last_phase, left="left"):
     """Two steps, each one pass over the stack: right, then left.
 
     The right step's orthonormal left basis ``U`` seeds the left step, whose
@@ -457,7 +476,7 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
     sched1 = rank_schedule_step(schedule, sched, loss1, t + 1, r_end, steps)
     done1 = converged(cur1, prev_loss, loss1)
     cur2, fac2, loss2, werr2, _, nxt2 = step(t + 1, fac1, fac1[1], sched1,
-                                             "left", U1, corr=UtE)
+                                             left, U1, corr=UtE)
     sched2 = rank_schedule_step(schedule, sched1, loss2, t + 2, r_end, steps)
     done2 = converged(cur2, loss1, loss2)
     ok = (t + 1 < stop) & ~done1
@@ -485,6 +504,10 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
   # the batched loop), so batches equal per-layer calls.
   phases = rank_phases(levels)
   alternating = svd == "subspace" and alternate
+  # Once the scheduler is at the end rank and every LoRA works at the full
+  # width of the last phase, the left step needs no SVD (see m_step's
+  # "left_full"): the last phase's loop is split there.
+  full_width = alternating and len(set(ranks)) == 1 and width(r_end) == r_end
   for j, (bound, wlevel) in enumerate(phases):
     last_phase = j == len(phases) - 1
     P, V = c[1][:2]
@@ -505,6 +528,10 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
                                     last_phase=last_phase)
     else:
       loop_body = body
+    if last_phase and full_width:
+      c = jax.lax.while_loop(lambda c: cond(c) & (c[2].rank < r_end),
+                             loop_body, c)
+      loop_body = functools.partial(loop_body, left="left_full")
     c = jax.lax.while_loop(cond, loop_body, c)
   t, (P, V, *_), _, loss_tr, rank_tr, werr_tr, loss, _ = c
   factors, res2 = _refine(D, P, V, refine, batch)
