@@ -205,6 +205,28 @@ def test_alternating_steps_with_per_lora_ranks():
   assert abs(float(dj.w_error(W_alt, W)) - float(dj.w_error(W_two, W))) < 0.5
 
 
+def test_full_width_left_step_with_rank_deficient_updates():
+  # At the end rank the left step keeps Q_i B_i whole (no SVD); rows of B
+  # at zero take fill columns. A zero update (rows of B at zero) and an
+  # asked rank above the true one (B of rank 4 in 8 rows) give what the
+  # two-sided steps give, with no NaN.
+  W, W_primes = lora_stack(2, 96, 80, n=5, rank=4)
+  W_primes = W_primes.at[2].set(W)
+  W_alt, diag = dj.spectral_detuning(W_primes, rank=8, steps=200)
+  W_two, _ = dj.spectral_detuning(W_primes, rank=8, steps=200,
+                                  alternate=False)
+  assert np.all(np.isfinite(np.asarray(W_alt)))
+  assert np.all(np.isfinite(np.asarray(diag.loss)))
+  assert abs(float(dj.w_error(W_alt, W)) - float(dj.w_error(W_two, W))) < 0.5
+  W_alt4, _ = dj.spectral_detuning(W_primes, rank=4, steps=200)
+  assert float(dj.w_error(W_alt4, W)) <= -15.0
+  # Identical fine-tunes: every B is zero, every row takes a fill column.
+  same = jnp.broadcast_to(W, (4,) + W.shape)
+  W_same, diag = dj.spectral_detuning(same, rank=8, steps=50)
+  np.testing.assert_array_equal(W_same, W)
+  assert np.all(np.isfinite(np.asarray(diag.loss)))
+
+
 def test_precompile_compiles_before_the_stack_exists(caplog):
   # A later call on a stack of that shape and those options compiles no
   # solver program: the compile (and its heap) comes before the stack.
