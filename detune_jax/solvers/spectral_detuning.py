@@ -515,8 +515,11 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
   # Once the scheduler is at the end rank and every LoRA works at the full
   # width of the last phase, the left step needs no SVD (see m_step's
   # "left_full"): the last phase's loop is split there, and again before the
-  # last _FULL_WIDTH_TAIL steps, which take the SVD left step.
-  full_width = alternating and len(set(ranks)) == 1 and width(r_end) == r_end
+  # last _FULL_WIDTH_TAIL steps, which take the SVD left step. Short runs
+  # (the Mistral bench's 30 steps) keep one loop: the split would run few
+  # steps or none, and its program costs memory (about 13 MiB there).
+  full_width = (alternating and len(set(ranks)) == 1 and width(r_end) == r_end
+                and steps >= 4 * _FULL_WIDTH_TAIL)
   for j, (bound, wlevel) in enumerate(phases):
     last_phase = j == len(phases) - 1
     P, V = c[1][:2]
