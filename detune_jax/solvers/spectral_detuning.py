@@ -216,8 +216,8 @@ def _left_products(Q, D, batch: int = 1):
 # The last steps of a run take the SVD left step even where the full-width
 # one applies: the full-width steps' states sit at a slightly higher float32
 # noise floor (24 real MiniLM layers, n=5, r=16: mean final W-Error -17.37
-# against -17.50 with every step's SVD), which 10 such steps at the end
-# removed on the layers tried (one-off).
+# against -17.50 with every step's SVD); with these 16 steps at the end,
+# -17.50 (per-layer median difference 0.007; one-off, docs/results.md).
 _FULL_WIDTH_TAIL = 16
 
 
@@ -273,7 +273,9 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
     (``R_i V_i``, then ``Q_i^T R_i``: two passes over the stack);
     ``"right"`` the Rayleigh-Ritz approximation of ``R_i`` in the row space
     of ``V`` from ``R_i V_i`` alone, ``"left"`` the one in the column space
-    of the orthonormal ``U_in`` from ``U_in^T R_i`` alone (one pass each).
+    of the orthonormal ``U_in`` from ``U_in^T R_i`` alone (one pass each);
+    ``"left_full"`` is ``"left"`` when every LoRA works at the full width,
+    with no SVD (it keeps ``U_in U_in^T R_i`` whole).
     ``corr``: the state's correction already formed by the previous step,
     ``E V_i`` (``"right"``) or ``U_in_i^T E`` (``"left"``); the alternating
     steps, the only callers of those sides, always give it. ``"both"``
