@@ -97,14 +97,16 @@ def _weighted_fit(W_primes, W0, *, rank: int, steps: int):
   ``1 / w_i^2`` (``W`` the weighted mean of the ``W'_i - M_i`` per entry;
   L-BFGS over the factors), then the grid W-step from its ``M_i``."""
   lo, hi = (x.astype(jnp.float64) for x in grid.rounding_interval(W_primes))
-  a = (jnp.median(hi - lo) / (hi - lo)) ** 2
+  unit = jnp.median(hi - lo)
+  a = (unit / (hi - lo)) ** 2
+  a_sum = jnp.sum(a, 0)
   Y = W_primes.astype(jnp.float64)
   B, A = _factors(W_primes, W0.astype(jnp.float64), rank)
 
   def objective(p):
     M = jnp.einsum("ndr,nrk->ndk", *p)
-    W = jnp.sum(a * (Y - M), 0) / jnp.sum(a, 0)
-    E = (Y - W[None] - M) / jnp.median(hi - lo)
+    W = jnp.sum(a * (Y - M), 0) / a_sum
+    E = (Y - W[None] - M) / unit
     return jnp.sum(a * E * E)
 
   (B, A), _ = _lbfgs(objective, (B, A), steps)
