@@ -236,6 +236,14 @@ def test_explain_releases_gives_a_witness_for_the_true_base_only():
     dj.explain_releases(W_primes.astype(jnp.float32), W_bad, 8)
   with pytest.raises(ValueError, match="relax"):
     dj.explain_releases(W_primes, W_bad, 8, relax=2.0)
+  # Started from the true base's witness, the search ends at once for it,
+  # and still finds none for the base that is off.
+  again = dj.explain_releases(W_primes, W_bad, 8, max_steps=1000,
+                              start=np.stack([M, M]))
+  assert again.explained.tolist() == [True, False]
+  assert again.steps[0] <= 250
+  with pytest.raises(ValueError, match="start has shape"):
+    dj.explain_releases(W_primes, W_bad, 8, start=M)
 
 
 def test_grid_step_output_is_explained_by_the_releases():

@@ -388,8 +388,8 @@ class Explanation(NamedTuple):
   updates: np.ndarray
 
 
-def _explain_layer(W_primes, lo, hi, W, key, *, ranks, max_steps, check_every,
-                   margin, relax):
+def _explain_layer(W_primes, lo, hi, W, key, start=None, *, ranks, max_steps,
+                   check_every, margin, relax):
   n, d, k = W_primes.shape
   q = max(ranks)
   truncate = _truncation(ranks, q)
@@ -425,8 +425,9 @@ def _explain_layer(W_primes, lo, hi, W, key, *, ranks, max_steps, check_every,
     return steps + check_every, M, V, count(M)
 
   total = n * d * k
+  # From the truncated SVD of W'_i - W, or of the given start.
   U, S, V = jax.vmap(lambda a: lowrank.svd_randomized(a, q, key, 2))(
-      W_primes.astype(W.dtype) - W[None])
+      W_primes.astype(W.dtype) - W[None] if start is None else start)
   M = truncate(U, S, V)
   steps, M, _, same = jax.lax.while_loop(
       lambda c: (c[0] < max_steps) & (c[3] < total), body,
@@ -437,18 +438,19 @@ def _explain_layer(W_primes, lo, hi, W, key, *, ranks, max_steps, check_every,
 @functools.partial(jax.jit, static_argnames=("ranks", "max_steps",
                                              "check_every", "margin",
                                              "relax"))
-def _explain(W_primes, lo, hi, W, key, **kw):
+def _explain(W_primes, lo, hi, W, key, start, **kw):
   fn = functools.partial(_explain_layer, **kw)
   if W_primes.ndim == 4:
     # One layer at a time (lax.map): each stops when it is explained.
-    return jax.lax.map(lambda a: fn(a[0], a[1], a[2], a[3], key),
-                       (W_primes, lo, hi, W))
-  return fn(W_primes, lo, hi, W, key)
+    return jax.lax.map(lambda a: fn(*a[:4], key, a[4]),
+                       (W_primes, lo, hi, W, start))
+  return fn(W_primes, lo, hi, W, key, start)
 
 
 def explain_releases(W_primes, W, rank: Rank, *, max_steps: int = 32000,
                      check_every: int = 250, margin: float = 1e-4,
-                     relax: float = 1.9, seed: int = 0) -> Explanation:
+                     relax: float = 1.9, seed: int = 0,
+                     start=None) -> Explanation:
   """Looks for rank-``r_i`` updates with which ``W`` reproduces every release.
 
   A check of a recovered base that needs no ground truth: it searches for
@@ -487,6 +489,10 @@ def explain_releases(W_primes, W, rank: Rank, *, max_steps: int = 32000,
     margin: fraction of each rounding interval kept clear at both ends.
     relax: over-relaxation of the box projection, in ``(0, 2)``.
     seed: seed of the initial sketch.
+    start: optional ``[..., n, d, k]`` updates to start the search from
+      instead of ``W'_i - W`` (truncated to rank ``r_i`` first), e.g. the
+      witness of a base that differs from ``W`` at a few entries: the search
+      then has only those entries to mend.
 
   Returns:
     An :class:`Explanation` (numpy arrays).
@@ -515,9 +521,15 @@ def explain_releases(W_primes, W, rank: Rank, *, max_steps: int = 32000,
     raise ValueError(f"margin must be in [0, 0.5), got {margin}")
   if not 0.0 < float(relax) < 2.0:
     raise ValueError(f"relax must be in (0, 2), got {relax}")
+  if start is not None:
+    start = np.asarray(start, np.float64)
+    if start.shape != W_primes.shape:
+      raise ValueError(f"start has shape {start.shape}, expected "
+                       f"{W_primes.shape}")
   lo, hi = (np.asarray(x, np.float64) for x in rounding_interval(W_primes))
   with jax.enable_x64(True):
-    out = _explain(W_primes, lo, hi, W, jax.random.key(seed), ranks=ranks,
+    out = _explain(W_primes, lo, hi, W, jax.random.key(seed), start,
+                   ranks=ranks,
                    max_steps=int(max_steps), check_every=int(check_every),
                    margin=float(margin), relax=float(relax))
     explained, reproduced, steps, M = (np.asarray(x) for x in out)
