@@ -33,9 +33,21 @@ consistent with each explained base, so they determine no weight outside
 that share; where ``auto`` is explained, every weight it gets wrong is one
 the releases leave open (``data_limit`` assumes the true updates known).
 
+With ``--explain_swaps``, also explained bases next to the true one, which
+make the bound tighter where ``auto`` is not explained (at low ranks):
+``explain_moved``, the true base with every entry that the true updates
+leave open moved to another grid point; and ``swaps_<name>``, per entry
+where a candidate differs from the true base on a layer it does not
+explain, whether the true base with the candidate's value there (alone)
+is explained (searches started from the true base's witness, tested in
+groups of ``--swap_group`` that are split in halves when not explained).
+An entry found so is open: the releases do not determine it.
+
   python -m experiments.bit_exact --ns=3,5 --dim=256 --layers=2
   python -m experiments.bit_exact --scenario=minilm --ns=3,5
   python -m experiments.bit_exact --ns=3 --dim=256 --layers=2 --explain
+  python -m experiments.bit_exact --ns=3 --dim=96 --rank=4 --layers=2 \
+      --explain --explain_swaps
 """
 
 from __future__ import annotations
@@ -85,6 +97,27 @@ flags.DEFINE_bool("explain", False, "Also look for rank-r updates with which "
                   "every released value (grid.explain_releases; float64, "
                   "up to a minute per MiniLM layer).")
 flags.DEFINE_integer("explain_steps", 32000, "explain_releases's max_steps.")
+flags.DEFINE_bool("explain_swaps", False, "With --explain, also look for "
+                  "explained bases next to the true one: (a) the true base "
+                  "with every entry that the true updates leave open moved "
+                  "to another grid point of its intersection (row "
+                  "explain_moved); (b) for each layer where a candidate (auto, "
+                  "oracle) is not explained, the true base with the "
+                  "candidate's value at one of the entries where they "
+                  "differ (rows swaps_<name>). Each one explained is an entry "
+                  "the releases leave open; the bound counts them.")
+flags.DEFINE_list("swaps_of", ["auto", "oracle"], "Candidates whose "
+                  "differences from the true base --explain_swaps tests.")
+flags.DEFINE_integer("swap_group", 1, "Entries swapped together in a first "
+                     "test; a group not explained is split in halves down to "
+                     "single entries (groups pay where most entries are "
+                     "open and few interact: at 96x96 r=4, not at 256x256).")
+flags.DEFINE_integer("swap_sample", 0, "Test at most this many of a layer's "
+                     "entries (a seeded random sample; 0: all). The bound "
+                     "counts only the entries tested; the rows give the "
+                     "share open among them.")
+flags.DEFINE_integer("swap_steps", 8000, "explain_releases's max_steps per "
+                     "swap test (started from the true base's witness).")
 
 
 def _stack(n: int):
@@ -113,19 +146,84 @@ def _row(name, n, W, W_true):
                                        jnp.asarray(W_true, jnp.float32))))
 
 
-def _explain_rows(rows, n, Wp, W_true, candidates) -> None:
-  """Rows ``explain_<name>`` for each candidate base and the true one, and
+def _swap_tests(Wp, truth, W, rank, start, *, group, steps, seed,
+                sample=0, chunk=32):
+  """``(open mask, tested mask, tests run)``: the entries of one layer
+  where ``W`` differs from ``truth`` and the true base with ``W``'s value
+  there is explained (with ``group - 1`` other such entries at first: a
+  group that is explained clears all of its entries, one that is not is
+  split in halves down to single entries); ``sample``: test at most that
+  many (0: all). ``start``: the true base's witness, or None."""
+  flat, values = truth.ravel(), W.ravel()
+  differ = np.flatnonzero(~np.asarray(grid.bit_exact_mask(W, truth)).ravel())
+  differ = np.random.default_rng(seed).permutation(differ)
+  if sample:
+    differ = differ[:sample]
+  pending = [differ[i:i + group] for i in range(0, differ.size, group)]
+  open_ = np.zeros(flat.size, bool)
+  tests = 0
+  while pending:
+    explained = []
+    for c in range(0, len(pending), chunk):
+      batch = pending[c:c + chunk]
+      bases = np.repeat(flat[None], len(batch), 0)
+      for base, idx in zip(bases, batch):
+        base[idx] = values[idx]
+      g = len(batch)
+      ex = grid.explain_releases(
+          jnp.broadcast_to(Wp, (g,) + Wp.shape), bases.reshape(
+              (g,) + truth.shape), rank, max_steps=steps,
+          start=None if start is None else np.broadcast_to(
+              start, (g,) + start.shape))
+      explained += np.asarray(ex.explained).tolist()
+    tests += len(pending)
+    split = []
+    for idx, ok in zip(pending, explained):
+      if ok:
+        open_[idx] = True
+      elif idx.size > 1:
+        split += [idx[:idx.size // 2], idx[idx.size // 2:]]
+    pending = split
+  tested = np.zeros(flat.size, bool)
+  tested[differ] = True
+  return open_.reshape(truth.shape), tested.reshape(truth.shape), tests
+
+
+def _moved(Wp, M, truth):
+  """The true base with each entry that the true updates ``M`` leave open
+  (another grid point in its intersection) moved to that grid point."""
+  lo, hi = grid.rounding_interval(jnp.asarray(Wp))
+  lower, upper = grid._intersection(lo, hi, jnp.asarray(M, jnp.float32))
+  W = jnp.asarray(truth)
+  up, down = (grid._next_toward(W, up=u).astype(jnp.float32)
+              for u in (True, False))
+  return np.asarray(jnp.where(up <= upper, up, jnp.where(
+      down >= lower, down, W.astype(jnp.float32))))
+
+
+def _explain_rows(rows, n, Wp, W_true, candidates, M_true=None) -> None:
+  """Rows ``explain_<name>`` for the true base and each candidate base, and
   ``identifiable_bound``: the share of weights where every explained base
   equals the true one. The releases are exactly consistent with each
-  explained base, so no weight outside that share is determined by them."""
+  explained base, so no weight outside that share is determined by them.
+  With ``M_true`` (``--explain_swaps``), also the explained bases next to
+  the true one (``explain_moved``, ``swaps_<name>``)."""
   truth = np.asarray(W_true)
+  truth32 = np.asarray(W_true, np.float32)
   agree = np.ones(truth.shape, bool)
-  for name, W in candidates + [("truth", W_true)]:
+  candidates = [("truth", W_true)] + candidates
+  if M_true is not None:
+    candidates.append(("moved", _moved(Wp, M_true, W_true)))
+  found = {}
+  for name, W in candidates:
     if W is None:
       continue
     start = time.perf_counter()
-    ex = grid.explain_releases(Wp, np.asarray(W, np.float32), FLAGS.rank,
-                               max_steps=FLAGS.explain_steps)
+    ex = grid.explain_releases(
+        Wp, np.asarray(W, np.float32), FLAGS.rank,
+        max_steps=FLAGS.explain_steps,
+        start=found["truth"].updates if name == "moved" else None)
+    found[name] = ex
     explained = np.asarray(ex.explained).reshape(truth.shape[:-2])
     same = np.asarray(grid.bit_exact_mask(np.asarray(W, np.float32), truth))
     agree &= same | ~explained[..., None, None]
@@ -134,6 +232,7 @@ def _explain_rows(rows, n, Wp, W_true, candidates) -> None:
                layers=int(explained.size),
                reproduced=float(np.mean(ex.reproduced)),
                max_steps_taken=int(np.max(ex.steps)),
+               differ=float(np.mean(~same)),
                seconds=time.perf_counter() - start)
     if not explained.all():
       row["not_explained"] = {int(i): float(np.ravel(ex.reproduced)[i])
@@ -147,6 +246,51 @@ def _explain_rows(rows, n, Wp, W_true, candidates) -> None:
     for i, frac in row.get("not_explained", {}).items():
       print(f"  layer {i}: {100 * frac:.4f}% of its values reproduced after "
             f"{FLAGS.explain_steps} projections", flush=True)
+  for name, W in candidates:
+    if M_true is None or name not in FLAGS.swaps_of or W is None:
+      continue
+    start = time.perf_counter()
+    W = np.asarray(W, np.float32).reshape((-1,) + truth.shape[-2:])
+    explained = np.asarray(found[name].explained).ravel()
+    witness = found["truth"].updates.reshape((-1,) + Wp.shape[-3:])
+    layers = truth32.reshape(W.shape)
+    releases = jnp.reshape(Wp, (-1,) + Wp.shape[-3:])
+    opened = np.zeros(W.shape, bool)
+    tested = np.zeros(W.shape, bool)
+    tests = 0
+    # Where the search did not explain the true base either, swaps started
+    # from its incomplete witness would only fail: skipped.
+    truth_explained = np.asarray(found["truth"].explained).ravel()
+    skipped = int(np.sum(~explained & ~truth_explained))
+    for i in np.flatnonzero(~explained & truth_explained):
+      opened[i], tested[i], t = _swap_tests(
+          releases[i], layers[i], W[i], FLAGS.rank, witness[i],
+          group=FLAGS.swap_group, steps=FLAGS.swap_steps, seed=i,
+          sample=FLAGS.swap_sample)
+      tests += t
+    differ = ~np.asarray(grid.bit_exact_mask(W, layers))
+    differ &= (~explained & truth_explained)[:, None, None]
+    agree &= ~opened.reshape(truth.shape)
+    rows.append(dict(method=f"swaps_{name}", n=n,
+                     differ=float(np.mean(differ)),
+                     tested=int(tested.sum()),
+                     open=float(np.mean(opened)),
+                     open_of_tested=float(opened.sum() / max(tested.sum(), 1)),
+                     tests=tests, skipped_layers=skipped,
+                     seconds=time.perf_counter() - start))
+    r = rows[-1]
+    if not differ.any():
+      print(f"{FLAGS.scenario} n={n} swaps_{name:8s} nothing to test (it is "
+            f"explained wherever the true base is)", flush=True)
+      continue
+    print(f"{FLAGS.scenario} n={n} swaps_{name:8s} it differs from the "
+          f"true base at {differ.sum()} entries (on layers it does not "
+          f"explain); of the {tested.sum()} tested, {opened.sum()} "
+          f"({100 * r['open_of_tested']:.1f}%) are open: the true base with "
+          f"that value is explained "
+          f"({tests} tests, {r['seconds']:.0f} s)"
+          + (f"; {skipped} layers skipped (the true base not explained "
+             "there either)" if skipped else ""), flush=True)
   rows.append(dict(method="identifiable_bound", n=n,
                    bit_exact=float(np.mean(agree))))
   print(f"{FLAGS.scenario} n={n} identifiable_bound  at most "
@@ -200,7 +344,9 @@ def main(argv: Sequence[str]) -> None:
     if FLAGS.explain:
       _explain_rows(rows, n, Wp, W_true,
                     [("auto", dict((a[0], a[1]) for a in autos).get("auto")),
-                     ("oracle", oracle)])
+                     ("oracle", oracle)],
+                    M_true=(np.asarray(Wpf) - np.asarray(Wf)[..., None, :, :]
+                            if FLAGS.explain_swaps else None))
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:
       json.dump(rows, f, indent=1)

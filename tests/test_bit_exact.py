@@ -5,13 +5,21 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import detune_jax as dj
+from detune_jax.solvers import grid
+from experiments import bit_exact
+
 
 def test_bit_exact_binary_with_explain(tmp_path):
   out = tmp_path / "rows.json"
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.bit_exact", "--ns=3", "--dim=64",
        "--rank=8", "--layers=1", "--grid_steps=30", "--explain",
-       f"--json_out={out}"],
+       "--explain_swaps", f"--json_out={out}"],
       capture_output=True, text=True, timeout=600,
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -30,6 +38,14 @@ def test_bit_exact_binary_with_explain(tmp_path):
   assert bound <= rows["auto"]["bit_exact"] < 1.0
   assert bound < rows["data_limit"]["determined"]
   assert "identifiable_bound" in proc.stdout
+  # --explain_swaps: the true base with the entries that the true updates
+  # leave open moved is explained too, and counted; auto is explained, so
+  # no entry of it is swapped.
+  moved = rows["explain_moved"]
+  assert moved["explained_layers"] == 1 and moved["differ"] > 0
+  assert bound <= 1.0 - moved["differ"]
+  assert rows["swaps_auto"]["tested"] == 0
+  assert rows["swaps_oracle"]["differ"] == 0.0
 
 
 def test_lowrank_probe_binary(tmp_path):
@@ -57,3 +73,49 @@ def test_lowrank_probe_binary(tmp_path):
   assert err["median_abs_w_wrong"] < 0.1 * err["median_abs_w"]
   assert err["coarse_wrong"] > 5 * err["coarse"]
   assert 0.9 < err["weighted_fit"] < truth["continuous_fit"]
+
+
+def test_swap_tests_open_the_open_entries_only():
+  """``bit_exact --explain_swaps``: an entry counts as open only where the
+  true base with the candidate's value there is explained."""
+  key = jax.random.key(3)
+  W = (jax.random.normal(key, (64, 48)) * 0.02).astype(jnp.bfloat16)
+  B = jax.random.normal(jax.random.fold_in(key, 1), (3, 64, 2)) * 0.02
+  A = jax.random.normal(jax.random.fold_in(key, 2), (3, 2, 48)) * 0.02
+  M = B @ A
+  Wp = (W.astype(jnp.float32)[None] + M).astype(jnp.bfloat16)
+  truth = np.asarray(W, np.float32)
+  # Open given the true updates: another grid point in the intersection.
+  moved = bit_exact._moved(Wp, M, W)
+  is_open = moved != truth
+  assert 5 <= is_open.sum() <= 0.05 * truth.size
+  # Far off: the largest weights moved 8 grid steps, which no rank-2 update
+  # next to the others can follow.
+  big = np.argsort(-np.abs(truth).ravel())[:6]
+  far = np.asarray(W).ravel().copy()
+  for _ in range(8):
+    far[big] = np.asarray(grid._next_toward(jnp.asarray(far[big]), up=True))
+  candidate = moved.ravel().copy()
+  candidate[big] = far[big].astype(np.float32)
+  candidate = candidate.reshape(truth.shape)
+  witness = dj.explain_releases(Wp, truth, 2)
+  assert bool(witness.explained)
+  opened, tested, tests = bit_exact._swap_tests(
+      Wp, truth, candidate, 2, witness.updates, group=4, steps=4000, seed=0)
+  assert (tested == (candidate != truth)).all()
+  assert not opened.ravel()[big].any()
+  assert not (opened & (candidate == truth)).any()
+  assert opened[is_open].mean() >= 0.9
+  # Groups with a far entry were split down to it.
+  assert tests > (is_open.sum() + 6) / 4 + 6
+  # Started from the witness, the same answer as from scratch for a few.
+  for e in np.flatnonzero(opened)[:2]:
+    base = truth.ravel().copy()
+    base[e] = candidate.ravel()[e]
+    assert bool(dj.explain_releases(Wp, base.reshape(truth.shape), 2,
+                                    max_steps=16000).explained)
+  # A sample: at most that many tested, singly.
+  opened, tested, tests = bit_exact._swap_tests(
+      Wp, truth, candidate, 2, witness.updates, group=1, steps=4000, seed=0,
+      sample=5)
+  assert tested.sum() == tests == 5 and not (opened & ~tested).any()
