@@ -39,8 +39,9 @@ make the bound tighter where ``auto`` is not explained (at low ranks):
 leave open moved to another grid point; and ``swaps_<name>``, per entry
 where a candidate differs from the true base on a layer it does not
 explain, whether the true base with the candidate's value there (alone)
-is explained (searches started from the true base's witness, tested in
-groups of ``--swap_group`` that are split in halves when not explained).
+is explained (searches started from the true base's witness; singly, or
+in groups of ``--swap_group`` that are split in halves when not
+explained).
 An entry found so is open: the releases do not determine it.
 
   python -m experiments.bit_exact --ns=3,5 --dim=256 --layers=2
@@ -101,8 +102,8 @@ flags.DEFINE_bool("explain_swaps", False, "With --explain, also look for "
                   "explained bases next to the true one: (a) the true base "
                   "with every entry that the true updates leave open moved "
                   "to another grid point of its intersection (row "
-                  "explain_moved); (b) for each layer where a candidate (auto, "
-                  "oracle) is not explained, the true base with the "
+                  "explain_moved); (b) for each layer where a candidate of "
+                  "--swaps_of is not explained, the true base with the "
                   "candidate's value at one of the entries where they "
                   "differ (rows swaps_<name>). Each one explained is an entry "
                   "the releases leave open; the bound counts them.")
@@ -279,7 +280,7 @@ def _explain_rows(rows, n, Wp, W_true, candidates, M_true=None) -> None:
                      tests=tests, skipped_layers=skipped,
                      seconds=time.perf_counter() - start))
     r = rows[-1]
-    if not differ.any():
+    if not differ.any() and not skipped:
       print(f"{FLAGS.scenario} n={n} swaps_{name:8s} nothing to test (it is "
             f"explained wherever the true base is)", flush=True)
       continue
