@@ -194,12 +194,9 @@ def _moved(Wp, M, truth):
   """The true base with each entry that the true updates ``M`` leave open
   (another grid point in its intersection) moved to that grid point."""
   lo, hi = grid.rounding_interval(jnp.asarray(Wp))
-  lower, upper = grid._intersection(lo, hi, jnp.asarray(M, jnp.float32))
-  W = jnp.asarray(truth)
-  up, down = (grid._next_toward(W, up=u).astype(jnp.float32)
-              for u in (True, False))
-  return np.asarray(jnp.where(up <= upper, up, jnp.where(
-      down >= lower, down, W.astype(jnp.float32))))
+  moved, _ = grid.open_neighbours(lo, hi, jnp.asarray(M, jnp.float32),
+                                  jnp.asarray(truth))
+  return np.asarray(moved)
 
 
 def _explain_rows(rows, n, Wp, W_true, candidates, M_true=None) -> None:

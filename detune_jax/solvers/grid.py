@@ -558,12 +558,24 @@ def determined_fraction(W_primes, M, W_true):
   W_primes, W_true = jnp.asarray(W_primes), jnp.asarray(W_true)
   lo, hi = rounding_interval(W_primes)
   M = jnp.asarray(M, jnp.float32)
+  _, determined = open_neighbours(lo, hi, M, W_true)
+  W_mid, _, _ = _estimate(W_primes, lo, hi, M, "midrange")
+  return (float(jnp.mean(determined.astype(jnp.float32))),
+          float(bit_exact_fraction(W_mid, W_true)))
+
+
+def open_neighbours(lo, hi, M, W_true):
+  """``(moved, determined)`` given the true updates ``M``: ``W_true``
+  (float32) with each entry whose intersection ``[lo_i - M_i, hi_i -
+  M_i]`` holds a neighbouring grid point moved to it, and the bool mask of
+  the entries where it holds neither (those :func:`determined_fraction`
+  counts). Evaluation only."""
   lower, upper = _intersection(lo, hi, M)
   up = _next_toward(W_true, up=True).astype(jnp.float32)
   down = _next_toward(W_true, up=False).astype(jnp.float32)
-  determined = jnp.mean(((up > upper) & (down < lower)).astype(jnp.float32))
-  W_mid, _, _ = _estimate(W_primes, lo, hi, M, "midrange")
-  return float(determined), float(bit_exact_fraction(W_mid, W_true))
+  moved = jnp.where(up <= upper, up, jnp.where(
+      down >= lower, down, W_true.astype(jnp.float32)))
+  return moved, (up > upper) & (down < lower)
 
 
 def bit_exact_mask(W, W_true):
