@@ -119,6 +119,15 @@ flags.DEFINE_integer("swap_sample", 0, "Test at most this many of a layer's "
                      "share open among them.")
 flags.DEFINE_integer("swap_steps", 8000, "explain_releases's max_steps per "
                      "swap test (started from the true base's witness).")
+flags.DEFINE_enum("swap_first_order", "none", ["none", "unopened", "all"],
+                  "Also the first-order test (grid.first_order_margin, an LP "
+                  "per release) of each swap: the true base with the "
+                  "candidate's value at one entry, at the true base's "
+                  "witness; for the tested entries the search did not open "
+                  "(unopened) or for every tested entry (all, to compare the "
+                  "two). An entry whose margin is < 0 on some release is "
+                  "closed to first order: no update next to the witness "
+                  "explains that base.")
 
 
 def _stack(n: int):
@@ -190,6 +199,19 @@ def _swap_tests(Wp, truth, W, rank, start, *, group, steps, seed,
   return open_.reshape(truth.shape), tested.reshape(truth.shape), tests
 
 
+def _first_order(Wp, truth, W, rank, witness, entries):
+  """The smallest :func:`grid.first_order_margin` over the releases of the
+  true base with ``W``'s value at each of ``entries`` (flat indices), at
+  the true base's witness."""
+  out = np.zeros(len(entries))
+  for j, e in enumerate(entries):
+    base = truth.ravel().copy()
+    base[e] = W.ravel()[e]
+    out[j] = grid.first_order_margin(Wp, base.reshape(truth.shape), witness,
+                                     rank).min()
+  return out
+
+
 def _moved(Wp, M, truth):
   """The true base with each entry that the true updates ``M`` leave open
   (another grid point in its intersection) moved to that grid point."""
@@ -256,6 +278,7 @@ def _explain_rows(rows, n, Wp, W_true, candidates, M_true=None) -> None:
     opened = np.zeros(W.shape, bool)
     tested = np.zeros(W.shape, bool)
     tests = 0
+    margins = {}  # flat index in W -> smallest first-order margin
     # Where the search did not explain the true base either, swaps started
     # from its incomplete witness would only fail: skipped.
     truth_explained = np.asarray(found["truth"].explained).ravel()
@@ -266,6 +289,13 @@ def _explain_rows(rows, n, Wp, W_true, candidates, M_true=None) -> None:
           group=FLAGS.swap_group, steps=FLAGS.swap_steps, seed=i,
           sample=FLAGS.swap_sample)
       tests += t
+      if FLAGS.swap_first_order != "none":
+        todo = tested[i] if FLAGS.swap_first_order == "all" else (
+            tested[i] & ~opened[i])
+        entries = np.flatnonzero(todo)
+        for e, m in zip(entries, _first_order(
+            releases[i], layers[i], W[i], FLAGS.rank, witness[i], entries)):
+          margins[i * todo.size + e] = m
     differ = ~np.asarray(grid.bit_exact_mask(W, layers))
     differ &= (~explained & truth_explained)[:, None, None]
     agree &= ~opened.reshape(truth.shape)
@@ -277,6 +307,20 @@ def _explain_rows(rows, n, Wp, W_true, candidates, M_true=None) -> None:
                      tests=tests, skipped_layers=skipped,
                      seconds=time.perf_counter() - start))
     r = rows[-1]
+    if FLAGS.swap_first_order != "none":
+      flat_open = opened.ravel()
+      keys = np.asarray(sorted(margins), int)
+      closed = np.asarray([margins[e] < 0 for e in keys], bool)
+      was_open = flat_open[keys] if keys.size else np.zeros(0, bool)
+      # Entries: [open and closed to first order, open and not, not open
+      # and closed, not open and not].
+      r["first_order"] = dict(
+          tested=int(keys.size),
+          open_closed=int(np.sum(was_open & closed)),
+          open_reachable=int(np.sum(was_open & ~closed)),
+          unopened_closed=int(np.sum(~was_open & closed)),
+          unopened_reachable=int(np.sum(~was_open & ~closed)),
+          unopened_margins=sorted(float(margins[e]) for e in keys[~was_open]))
     if not differ.any() and not skipped:
       print(f"{FLAGS.scenario} n={n} swaps_{name:8s} nothing to test (it is "
             f"explained wherever the true base is)", flush=True)
@@ -289,6 +333,17 @@ def _explain_rows(rows, n, Wp, W_true, candidates, M_true=None) -> None:
           f"({tests} tests, {r['seconds']:.0f} s)"
           + (f"; {skipped} layers skipped (the true base not explained "
              "there either)" if skipped else ""), flush=True)
+    if "first_order" in r:
+      f = r["first_order"]
+      unopened = f["unopened_closed"] + f["unopened_reachable"]
+      shown = f["open_closed"] + f["open_reachable"]
+      print(f"{FLAGS.scenario} n={n} swaps_{name:8s} first order: of the "
+            f"{unopened} tested entries not shown open, "
+            f"{f['unopened_closed']} are closed (LP margin < 0 on some "
+            f"release, the true base elsewhere) and "
+            f"{f['unopened_reachable']} reachable"
+            + (f"; of the {shown} shown open, {f['open_closed']} closed"
+               if shown else ""), flush=True)
   rows.append(dict(method="identifiable_bound", n=n,
                    bit_exact=float(np.mean(agree))))
   print(f"{FLAGS.scenario} n={n} identifiable_bound  at most "

@@ -119,3 +119,28 @@ def test_swap_tests_open_the_open_entries_only():
       Wp, truth, candidate, 2, witness.updates, group=1, steps=4000, seed=0,
       sample=5)
   assert tested.sum() == tests == 5 and not (opened & ~tested).any()
+
+
+def test_first_order_closes_the_far_entries_only():
+  """``bit_exact --swap_first_order``: the smallest LP margin of each swap
+  is < 0 where an entry is moved 8 grid steps at the largest weights, and
+  >= 0 where the true updates leave the entry open."""
+  key = jax.random.key(3)
+  W = (jax.random.normal(key, (64, 48)) * 0.02).astype(jnp.bfloat16)
+  B = jax.random.normal(jax.random.fold_in(key, 1), (3, 64, 2)) * 0.02
+  A = jax.random.normal(jax.random.fold_in(key, 2), (3, 2, 48)) * 0.02
+  M = B @ A
+  Wp = (W.astype(jnp.float32)[None] + M).astype(jnp.bfloat16)
+  truth = np.asarray(W, np.float32)
+  moved = bit_exact._moved(Wp, M, W)
+  big = np.argsort(-np.abs(truth).ravel())[:2]
+  far = np.asarray(W).ravel().copy()
+  for _ in range(8):
+    far[big] = np.asarray(grid._next_toward(jnp.asarray(far[big]), up=True))
+  candidate = moved.ravel().copy()
+  candidate[big] = far[big].astype(np.float32)
+  witness = dj.explain_releases(Wp, truth, 2).updates
+  entries = np.concatenate([big, np.flatnonzero(moved != truth)[:2]])
+  margins = bit_exact._first_order(Wp, truth, candidate.reshape(truth.shape),
+                                   2, witness, entries)
+  assert (margins[:2] < 0).all() and (margins[2:] >= 0).all()

@@ -274,3 +274,42 @@ def test_explain_releases_reproduces_released_zeros():
   W_bad = W.astype(jnp.float32).at[0, :5].set(0.01)
   assert not bool(dj.explain_releases(W_primes, W_bad, 4,
                                       max_steps=1000).explained)
+
+
+def test_first_order_margin_tells_which_changed_bases_are_explained():
+  # The bit_exact swap tests' setting: the true base with one entry one grid
+  # step up, and the true base's witness. Where every release's LP margin
+  # is >= 0 the changed base is explained; where one is < 0 it is not.
+  key = jax.random.key(3)
+  W = (jax.random.normal(key, (64, 48)) * 0.02).astype(jnp.bfloat16)
+  B = jax.random.normal(jax.random.fold_in(key, 1), (3, 64, 2)) * 0.02
+  A = jax.random.normal(jax.random.fold_in(key, 2), (3, 2, 48)) * 0.02
+  W_primes = (W.astype(jnp.float32)[None] + B @ A).astype(jnp.bfloat16)
+  truth = np.asarray(W, np.float32)
+  witness = dj.explain_releases(W_primes, truth, 2).updates
+  assert (dj.first_order_margin(W_primes, truth, witness, 2) >= 0).all()
+  up = np.asarray(grid._next_toward(W, up=True), np.float32)
+  open_, closed = [(10, 28), (36, 44), (21, 24), (8, 7)], [(32, 38),
+                                                           (61, 27),
+                                                           (48, 38)]
+  bases = np.repeat(truth[None], 7, 0)
+  for base, e in zip(bases, open_ + closed):
+    base[e] = up[e]
+  L = len(bases)
+  stacked = jnp.broadcast_to(W_primes, (L,) + W_primes.shape)
+  starts = np.broadcast_to(witness, (L,) + witness.shape)
+  margins = dj.first_order_margin(stacked, bases, starts, 2)
+  assert margins.shape == (L, 3)
+  assert (margins[:4] >= 0).all()
+  assert (margins[4:].min(axis=1) < -0.05).all()
+  ex = dj.explain_releases(stacked, bases, 2, max_steps=8000, start=starts)
+  assert ex.explained.tolist() == [True] * 4 + [False] * 3
+  # The LP's step is needed: without it the witness misses a value of each
+  # changed base that is explained.
+  lo, hi = (np.asarray(x, np.float64) for x in grid.rounding_interval(
+      W_primes))
+  for base in bases[:4:2]:
+    S = base.astype(np.float64)[None] + witness
+    assert (S < lo).any() or (S > hi).any()
+  with pytest.raises(ValueError, match="updates"):
+    dj.first_order_margin(W_primes, truth, witness[:2], 2)

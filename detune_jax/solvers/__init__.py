@@ -16,5 +16,5 @@ from detune_jax.solvers.closed_form import (IntersectionDiagnostics,
                                             subspace_intersection_detuning)
 from detune_jax.solvers.grid import (Explanation, GridDiagnostics,
                                      bit_exact_fraction, explain_releases,
-                                     grid_refine, interval_estimate,
+                                     first_order_margin, grid_refine, interval_estimate,
                                      round_to_grid, rounding_interval)

@@ -537,6 +537,138 @@ def explain_releases(W_primes, W, rank: Rank, *, max_steps: int = 32000,
                      updates=M)
 
 
+def first_order_margin(W_primes, W, updates, rank: Rank, *,
+                       cap: float = 0.25) -> np.ndarray:
+  """How deep a first-order step of the updates takes each release into its
+  rounding intervals: a fast test of whether a base can be explained.
+
+  For release ``i`` it solves a linear program: the largest ``t`` such that
+  some ``T`` in the tangent space of the rank-``r_i`` matrices at
+  ``updates[i]`` (``T = U X^T + Y V^T`` with ``U, V`` the singular vectors
+  of ``updates[i]``) puts every value of ``W + updates[i] + T`` at least
+  ``t`` of its rounding interval's width inside that interval (``t`` at
+  most ``cap``). ``t >= 0``: to first order, some rank-``r_i`` update next
+  to ``updates[i]`` reproduces release ``i`` with base ``W``. ``t < 0``:
+  none does; every first-order step misses some value by at least ``-t`` of
+  its interval's width. The test is local: what it leaves out is the
+  curvature of the rank-``r_i`` matrices (of order ``|T|^2 / sigma_r``)
+  and updates far from ``updates[i]``; it is evidence, not a proof. Used
+  with ``updates`` a witness of a nearby base (:func:`explain_releases`),
+  e.g. the true base with one entry changed: at 64x64, rank 2, the entries
+  where every release has ``t >= 0`` were, but for two of 160 at margins
+  below 0.002, exactly those whose changed base the witness search explains
+  (docs/results.md). Released zeros count as reproduced within ``1e-12``
+  times the layer's largest released magnitude, as in
+  :func:`explain_releases`. Each release is an LP with ``d * k`` two-sided
+  rows and ``r_i (d + k)`` unknowns (scipy's HiGHS, by constraint
+  generation; about a second at 64x64 rank 2, minutes at 256x256 rank 4).
+
+  Args:
+    W_primes: ``[..., n, d, k]`` bfloat16/float16 releases.
+    W: the base, ``[..., d, k]``.
+    updates: ``[..., n, d, k]`` rank-``r_i`` updates, e.g. a witness.
+    rank: LoRA rank, an int or one per LoRA.
+    cap: the largest margin sought (``t`` is at most this).
+
+  Returns:
+    float64 ``[..., n]`` array of the margins ``t``.
+
+  >>> import jax, jax.numpy as jnp
+  >>> k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  >>> W = (jax.random.normal(k1, (32, 24)) * 0.02).astype(jnp.bfloat16)
+  >>> B = jax.random.normal(k2, (3, 32, 2)) * 0.1
+  >>> A = jax.random.normal(k3, (3, 2, 24)) * 0.1
+  >>> W_primes = (W.astype(jnp.float32) + B @ A).astype(jnp.bfloat16)
+  >>> witness = explain_releases(W_primes, W, 2).updates
+  >>> bool((first_order_margin(W_primes, W, witness, 2) >= 0).all())
+  True
+  >>> far = W.at[0, 0].add(0.5)
+  >>> bool((first_order_margin(W_primes, far, witness, 2) < 0).any())
+  True
+  """
+  W_primes, ranks = _checked_releases(W_primes, rank, "first_order_margin")
+  shape = W_primes.shape
+  W = np.asarray(jnp.asarray(W, jnp.float32), np.float64)
+  updates = np.asarray(updates, np.float64)
+  if W.shape != shape[:-3] + shape[-2:] or updates.shape != shape:
+    raise ValueError(f"W has shape {W.shape} and updates {updates.shape}, "
+                     f"expected {shape[:-3] + shape[-2:]} and {shape}")
+  lo, hi = (np.asarray(x, np.float64) for x in rounding_interval(W_primes))
+  released = np.asarray(W_primes.astype(jnp.float32), np.float64)
+  W_primes = released.reshape((-1,) + shape[-3:])
+  lo, hi = (x.reshape(W_primes.shape) for x in (lo, hi))
+  W = W.reshape((-1,) + shape[-2:])
+  updates = updates.reshape(W_primes.shape)
+  out = np.zeros(W_primes.shape[:2])
+  for l, i in np.ndindex(*out.shape):
+    zero_tol = 1e-12 * np.max(np.abs(W_primes[l]))
+    zero = W_primes[l, i] == 0
+    out[l, i] = _tangent_margin(
+        W[l] + updates[l, i], np.where(zero, -zero_tol, lo[l, i]),
+        np.where(zero, zero_tol, hi[l, i]), updates[l, i], ranks[i], cap)
+  return out.reshape(shape[:-2])
+
+
+def _tangent_margin(c, lo, hi, M, r: int, cap: float) -> float:
+  """``max t`` such that ``lo + t w <= c + U X^T + Y V^T <= hi - t w``
+  (``w = hi - lo``, ``U, V`` the top-``r`` singular vectors of ``M``).
+
+  Solved by constraint generation: an LP over the rows that bind, starting
+  from the values with the least room, adding the rows its solution
+  violates until there are none. The answer is the full LP's (few of the
+  ``2 d k`` rows bind; HiGHS on all of them at once takes tens of minutes
+  at 256x256)."""
+  from scipy import sparse  # pylint: disable=g-import-not-at-top
+  from scipy import optimize  # pylint: disable=g-import-not-at-top
+  d, k = c.shape
+  U, _, Vt = np.linalg.svd(M, full_matrices=False)
+  U, V = U[:, :r], Vt[:r].T
+  w = (hi - lo).ravel()
+  # Rows in units of each value's interval, unknowns in units of a typical
+  # interval: HiGHS's absolute tolerances (1e-7) then mean the same thing
+  # for every value, large or small.
+  scale = np.median(w)
+  j, m = (x.ravel() for x in np.indices((d, k)))
+  cols = np.concatenate([m[:, None] * r + np.arange(r),
+                         k * r + j[:, None] * r + np.arange(r)], axis=1)
+  vals = np.concatenate([U[j], V[m]], axis=1) * (scale / w)[:, None]
+  step = sparse.csr_matrix(
+      (vals.ravel(), cols.ravel(), np.arange(0, vals.size + 1, 2 * r)),
+      shape=(d * k, r * (d + k)))
+  room_lo = (c.ravel() - lo.ravel()) / w  # >= t after the step, per value
+  room_hi = (hi.ravel() - c.ravel()) / w
+  nvar = r * (d + k)
+  cost = np.zeros(nvar + 1)
+  cost[-1] = -1.0
+  # The unknowns bounded far beyond any step that keeps the values in
+  # their intervals, so that an LP over a few rows is bounded too.
+  bounds = [(-1e6, 1e6)] * nvar + [(None, cap)]
+  # Rows: value index, and whether its lower (0) or upper (1) side.
+  room = np.minimum(room_lo, room_hi)
+  rows = np.argsort(room)[:min(room.size, 4 * nvar)]
+  active = np.concatenate([rows, rows + room.size])
+  while True:
+    lower, upper = active[active < room.size], active[active >= room.size]
+    upper = upper - room.size
+    A = sparse.vstack([
+        sparse.hstack([-step[lower], np.ones((lower.size, 1))]),
+        sparse.hstack([step[upper], np.ones((upper.size, 1))])]).tocsr()
+    res = optimize.linprog(
+        cost, A_ub=A, b_ub=np.concatenate([room_lo[lower], room_hi[upper]]),
+        bounds=bounds, method="highs")
+    if res.status != 0:
+      raise RuntimeError(f"first_order_margin: the LP failed: {res.message}")
+    t, moved = res.x[-1], step @ res.x[:-1]
+    slack = np.concatenate([room_lo + moved, room_hi - moved]) - t
+    # Rows the solution violates beyond HiGHS's tolerance, worst first.
+    bad = np.flatnonzero(slack < -1e-6)
+    bad = np.setdiff1d(bad, active)
+    if not bad.size:
+      return float(t)
+    bad = bad[np.argsort(slack[bad])][:max(nvar, 1000)]
+    active = np.concatenate([active, bad])
+
+
 def determined_fraction(W_primes, M, W_true):
   """An upper bound on what the data allow: the share of weights the
   releases determine *if the updates were known*.
