@@ -75,9 +75,8 @@ def test_lowrank_probe_binary(tmp_path):
   assert 0.9 < err["weighted_fit"] < truth["continuous_fit"]
 
 
-def test_swap_tests_open_the_open_entries_only():
-  """``bit_exact --explain_swaps``: an entry counts as open only where the
-  true base with the candidate's value there is explained."""
+def _rank2_stack():
+  """``(W, M, W_primes, truth)``: a 64x48 bf16 base, n=3 rank-2 updates."""
   key = jax.random.key(3)
   W = (jax.random.normal(key, (64, 48)) * 0.02).astype(jnp.bfloat16)
   B = jax.random.normal(jax.random.fold_in(key, 1), (3, 64, 2)) * 0.02
@@ -85,6 +84,13 @@ def test_swap_tests_open_the_open_entries_only():
   M = B @ A
   Wp = (W.astype(jnp.float32)[None] + M).astype(jnp.bfloat16)
   truth = np.asarray(W, np.float32)
+  return W, M, Wp, truth
+
+
+def test_swap_tests_open_the_open_entries_only():
+  """``bit_exact --explain_swaps``: an entry counts as open only where the
+  true base with the candidate's value there is explained."""
+  W, M, Wp, truth = _rank2_stack()
   # Open given the true updates: another grid point in the intersection.
   moved = bit_exact._moved(Wp, M, W)
   is_open = moved != truth
@@ -125,13 +131,7 @@ def test_first_order_closes_the_far_entries_only():
   """``bit_exact --swap_first_order``: the smallest LP margin of each swap
   is < 0 where an entry is moved 8 grid steps at the largest weights, and
   >= 0 where the true updates leave the entry open."""
-  key = jax.random.key(3)
-  W = (jax.random.normal(key, (64, 48)) * 0.02).astype(jnp.bfloat16)
-  B = jax.random.normal(jax.random.fold_in(key, 1), (3, 64, 2)) * 0.02
-  A = jax.random.normal(jax.random.fold_in(key, 2), (3, 2, 48)) * 0.02
-  M = B @ A
-  Wp = (W.astype(jnp.float32)[None] + M).astype(jnp.bfloat16)
-  truth = np.asarray(W, np.float32)
+  W, M, Wp, truth = _rank2_stack()
   moved = bit_exact._moved(Wp, M, W)
   big = np.argsort(-np.abs(truth).ravel())[:2]
   far = np.asarray(W).ravel().copy()
