@@ -554,10 +554,10 @@ def first_order_margin(W_primes, W, updates, rank: Rank, *,
   curvature of the rank-``r_i`` matrices (of order ``|T|^2 / sigma_r``)
   and updates far from ``updates[i]``; it is evidence, not a proof. Used
   with ``updates`` a witness of a nearby base (:func:`explain_releases`),
-  e.g. the true base with one entry changed: at 64x64, rank 2, the entries
-  where every release has ``t >= 0`` were, but for two of 160 at margins
-  below 0.002, exactly those whose changed base the witness search explains
-  (docs/results.md). Released zeros count as reproduced within ``1e-12``
+  e.g. the true base with one entry changed: at 64x64, rank 2, the search
+  explained the changed base at 139 of 160 entries, all with ``t >= 0`` on
+  every release; of the other 21, 19 have ``t < 0`` on some release and 2
+  are at the edge (below 0.002; docs/results.md). Released zeros count as reproduced within ``1e-12``
   times the layer's largest released magnitude, as in
   :func:`explain_releases`. Each release is an LP with ``d * k`` two-sided
   rows and ``r_i (d + k)`` unknowns (scipy's HiGHS, by constraint
@@ -616,8 +616,8 @@ def _tangent_margin(c, lo, hi, M, r: int, cap: float) -> float:
   Solved by constraint generation: an LP over the rows that bind, starting
   from the values with the least room, adding the rows its solution
   violates until there are none. The answer is the full LP's (few of the
-  ``2 d k`` rows bind; HiGHS on all of them at once takes tens of minutes
-  at 256x256)."""
+  ``2 d k`` rows bind; HiGHS on all of them at once had not ended after
+  20 minutes at 256x256 rank 4)."""
   from scipy import sparse  # pylint: disable=g-import-not-at-top
   from scipy import optimize  # pylint: disable=g-import-not-at-top
   d, k = c.shape
@@ -643,7 +643,8 @@ def _tangent_margin(c, lo, hi, M, r: int, cap: float) -> float:
   # The unknowns bounded far beyond any step that keeps the values in
   # their intervals, so that an LP over a few rows is bounded too.
   bounds = [(-1e6, 1e6)] * nvar + [(None, cap)]
-  # Rows: value index, and whether its lower (0) or upper (1) side.
+  # Rows: a value's index for its lower side, the index + d * k for its
+  # upper side.
   room = np.minimum(room_lo, room_hi)
   rows = np.argsort(room)[:min(room.size, 4 * nvar)]
   active = np.concatenate([rows, rows + room.size])
