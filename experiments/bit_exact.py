@@ -278,7 +278,8 @@ def _explain_rows(rows, n, Wp, W_true, candidates, M_true=None) -> None:
     opened = np.zeros(W.shape, bool)
     tested = np.zeros(W.shape, bool)
     tests = 0
-    margins = {}  # flat index in W -> smallest first-order margin
+    # Smallest first-order margin of each entry's swap (NaN: not run).
+    margins = np.full(W.shape, np.nan)
     # Where the search did not explain the true base either, swaps started
     # from its incomplete witness would only fail: skipped.
     truth_explained = np.asarray(found["truth"].explained).ravel()
@@ -293,9 +294,8 @@ def _explain_rows(rows, n, Wp, W_true, candidates, M_true=None) -> None:
         todo = tested[i] if FLAGS.swap_first_order == "all" else (
             tested[i] & ~opened[i])
         entries = np.flatnonzero(todo)
-        for e, m in zip(entries, _first_order(
-            releases[i], layers[i], W[i], FLAGS.rank, witness[i], entries)):
-          margins[i * todo.size + e] = m
+        margins[i].flat[entries] = _first_order(
+            releases[i], layers[i], W[i], FLAGS.rank, witness[i], entries)
     differ = ~np.asarray(grid.bit_exact_mask(W, layers))
     differ &= (~explained & truth_explained)[:, None, None]
     agree &= ~opened.reshape(truth.shape)
@@ -308,19 +308,15 @@ def _explain_rows(rows, n, Wp, W_true, candidates, M_true=None) -> None:
                      seconds=time.perf_counter() - start))
     r = rows[-1]
     if FLAGS.swap_first_order != "none":
-      flat_open = opened.ravel()
-      keys = np.asarray(sorted(margins), int)
-      closed = np.asarray([margins[e] < 0 for e in keys], bool)
-      was_open = flat_open[keys] if keys.size else np.zeros(0, bool)
-      # Entries: [open and closed to first order, open and not, not open
-      # and closed, not open and not].
+      ran = ~np.isnan(margins)
+      closed = margins < 0
       r["first_order"] = dict(
-          tested=int(keys.size),
-          open_closed=int(np.sum(was_open & closed)),
-          open_reachable=int(np.sum(was_open & ~closed)),
-          unopened_closed=int(np.sum(~was_open & closed)),
-          unopened_reachable=int(np.sum(~was_open & ~closed)),
-          unopened_margins=sorted(float(margins[e]) for e in keys[~was_open]))
+          tested=int(ran.sum()),
+          open_closed=int(np.sum(ran & opened & closed)),
+          open_reachable=int(np.sum(ran & opened & ~closed)),
+          unopened_closed=int(np.sum(ran & ~opened & closed)),
+          unopened_reachable=int(np.sum(ran & ~opened & ~closed)),
+          unopened_margins=np.sort(margins[ran & ~opened]).tolist())
     if not differ.any() and not skipped:
       print(f"{FLAGS.scenario} n={n} swaps_{name:8s} nothing to test (it is "
             f"explained wherever the true base is)", flush=True)
