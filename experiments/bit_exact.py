@@ -278,6 +278,7 @@ def _explain_rows(rows, n, Wp, W_true, candidates, M_true=None) -> None:
     opened = np.zeros(W.shape, bool)
     tested = np.zeros(W.shape, bool)
     tests = 0
+    lp_seconds = 0.0
     # Smallest first-order margin of each entry's swap (NaN: not run).
     margins = np.full(W.shape, np.nan)
     # Where the search did not explain the true base either, swaps started
@@ -294,8 +295,10 @@ def _explain_rows(rows, n, Wp, W_true, candidates, M_true=None) -> None:
         todo = tested[i] if FLAGS.swap_first_order == "all" else (
             tested[i] & ~opened[i])
         entries = np.flatnonzero(todo)
+        lp_start = time.perf_counter()
         margins[i].flat[entries] = _first_order(
             releases[i], layers[i], W[i], FLAGS.rank, witness[i], entries)
+        lp_seconds += time.perf_counter() - lp_start
     differ = ~np.asarray(grid.bit_exact_mask(W, layers))
     differ &= (~explained & truth_explained)[:, None, None]
     agree &= ~opened.reshape(truth.shape)
@@ -316,7 +319,8 @@ def _explain_rows(rows, n, Wp, W_true, candidates, M_true=None) -> None:
           open_reachable=int(np.sum(ran & opened & ~closed)),
           unopened_closed=int(np.sum(ran & ~opened & closed)),
           unopened_reachable=int(np.sum(ran & ~opened & ~closed)),
-          unopened_margins=np.sort(margins[ran & ~opened]).tolist())
+          unopened_margins=np.sort(margins[ran & ~opened]).tolist(),
+          seconds=lp_seconds)
     if not differ.any() and not skipped:
       print(f"{FLAGS.scenario} n={n} swaps_{name:8s} nothing to test (it is "
             f"explained wherever the true base is)", flush=True)

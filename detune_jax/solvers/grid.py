@@ -644,19 +644,19 @@ def _tangent_margin(c, lo, hi, M, r: int, cap: float) -> float:
   # their intervals, so that an LP over a few rows is bounded too.
   bounds = [(-1e6, 1e6)] * nvar + [(None, cap)]
   # Rows: a value's index for its lower side, the index + d * k for its
-  # upper side.
-  room = np.minimum(room_lo, room_hi)
-  rows = np.argsort(room)[:min(room.size, 4 * nvar)]
-  active = np.concatenate([rows, rows + room.size])
+  # upper side. The first LP has the side with less room of the values
+  # with the least room, one per unknown.
+  rows = np.argsort(np.minimum(room_lo, room_hi))[:nvar]
+  active = np.where(room_lo[rows] <= room_hi[rows], rows, rows + room_lo.size)
+  size = room_lo.size
   while True:
-    lower, upper = active[active < room.size], active[active >= room.size]
-    upper = upper - room.size
+    lower, upper = active[active < size], active[active >= size] - size
     A = sparse.vstack([
         sparse.hstack([-step[lower], np.ones((lower.size, 1))]),
         sparse.hstack([step[upper], np.ones((upper.size, 1))])]).tocsr()
     res = optimize.linprog(
         cost, A_ub=A, b_ub=np.concatenate([room_lo[lower], room_hi[upper]]),
-        bounds=bounds, method="highs")
+        bounds=bounds, method="highs-ipm")
     if res.status != 0:
       raise RuntimeError(f"first_order_margin: the LP failed: {res.message}")
     t, moved = res.x[-1], step @ res.x[:-1]
