@@ -29,7 +29,8 @@ from detune_jax.solvers import (Diagnostics, RankEstimate, RankEstimationError,
 from detune_jax.solvers import (Explanation, GridDiagnostics,
                                 IntersectionDiagnostics, NotIdentifiableError,
                                 bit_exact_fraction, explain_releases,
-                                first_order_margin, grid_refine, interval_estimate, round_to_grid,
+                                first_order_margin, grid_refine,
+                                interval_estimate, round_to_grid,
                                 rounding_interval,
                                 subspace_intersection_detuning)
 from detune_jax.solvers.registry import SOLVERS, solve

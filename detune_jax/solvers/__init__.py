@@ -16,5 +16,6 @@ from detune_jax.solvers.closed_form import (IntersectionDiagnostics,
                                             subspace_intersection_detuning)
 from detune_jax.solvers.grid import (Explanation, GridDiagnostics,
                                      bit_exact_fraction, explain_releases,
-                                     first_order_margin, grid_refine, interval_estimate,
-                                     round_to_grid, rounding_interval)
+                                     first_order_margin, grid_refine,
+                                     interval_estimate, round_to_grid,
+                                     rounding_interval)

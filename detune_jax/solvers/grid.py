@@ -557,11 +557,12 @@ def first_order_margin(W_primes, W, updates, rank: Rank, *,
   e.g. the true base with one entry changed: at 64x64, rank 2, the search
   explained the changed base at 139 of 160 entries, all with ``t >= 0`` on
   every release; of the other 21, 19 have ``t < 0`` on some release and 2
-  are at the edge (below 0.002; docs/results.md). Released zeros count as reproduced within ``1e-12``
-  times the layer's largest released magnitude, as in
-  :func:`explain_releases`. Each release is an LP with ``d * k`` two-sided
-  rows and ``r_i (d + k)`` unknowns (scipy's HiGHS, by constraint
-  generation; about a second at 64x64 rank 2, minutes at 256x256 rank 4).
+  are at the edge (below 0.002; docs/results.md). Released zeros count as
+  reproduced within ``1e-12`` times the layer's largest released
+  magnitude, as in :func:`explain_releases`. Each release is an LP with
+  ``d * k`` two-sided rows and ``r_i (d + k)`` unknowns (scipy's HiGHS, by
+  constraint generation; about a second at 64x64 rank 2, 37 s at 256x256
+  rank 4 on the shared machine, docs/results.md).
 
   Args:
     W_primes: ``[..., n, d, k]`` bfloat16/float16 releases.
@@ -600,12 +601,12 @@ def first_order_margin(W_primes, W, updates, rank: Rank, *,
   W = W.reshape((-1,) + shape[-2:])
   updates = updates.reshape(W_primes.shape)
   out = np.zeros(W_primes.shape[:2])
+  zero_tol = 1e-12 * np.max(np.abs(W_primes), axis=(1, 2, 3))
   for l, i in np.ndindex(*out.shape):
-    zero_tol = 1e-12 * np.max(np.abs(W_primes[l]))
     zero = W_primes[l, i] == 0
     out[l, i] = _tangent_margin(
-        W[l] + updates[l, i], np.where(zero, -zero_tol, lo[l, i]),
-        np.where(zero, zero_tol, hi[l, i]), updates[l, i], ranks[i], cap)
+        W[l] + updates[l, i], np.where(zero, -zero_tol[l], lo[l, i]),
+        np.where(zero, zero_tol[l], hi[l, i]), updates[l, i], ranks[i], cap)
   return out.reshape(shape[:-2])
 
 
@@ -648,9 +649,9 @@ def _tangent_margin(c, lo, hi, M, r: int, cap: float) -> float:
   # Rows: a value's index for its lower side, the index + d * k for its
   # upper side. The first LP has the side with less room of the values
   # with the least room, one per unknown.
-  rows = np.argsort(np.minimum(room_lo, room_hi))[:nvar]
-  active = np.where(room_lo[rows] <= room_hi[rows], rows, rows + room_lo.size)
   size = room_lo.size
+  rows = np.argsort(np.minimum(room_lo, room_hi))[:nvar]
+  active = np.where(room_lo[rows] <= room_hi[rows], rows, rows + size)
   while True:
     lower, upper = active[active < size], active[active >= size] - size
     A = sparse.vstack([
