@@ -1,0 +1,239 @@
+r"""Does a base more consistent with the releases get more weights right?
+
+At low ranks ``auto``'s bf16 output is not explained by the releases as a
+whole (:func:`detune_jax.explain_releases` finds no rank-``r`` updates with
+which it reproduces every released value), and a few of its wrong entries
+are closed to first order (docs/results.md, "Low ranks"): the releases may
+determine them. Any base that *is* explained as a whole equals the true one
+at every determined entry. This experiment asks whether searching toward
+such a base, from ``auto``'s output and reading only the releases, gets
+those entries (and others) right.
+
+The search is greedy over single grid steps. The score of a base is the
+share of released values that ``explain_releases`` reproduces after
+``--score_steps`` projections started from the current updates ``M_i``.
+Each round scores every entry with a value not reproduced, one grid step
+up and one down, and keeps the ``--accept`` best moves that score above
+the current base (at distinct entries). With ``--candidates=K`` it scores
+only K moves: the entries that the rounding intervals pull hardest given
+the ``M_i`` (``sum_i clip(W + M_i, lo_i, hi_i) - (W + M_i)``, largest in
+size), each one grid step the way it is pulled; cheaper per round, but it
+stalls sooner. When no move scores higher, the moves of every entry with
+a value not reproduced are scored again with four times the projections.
+Each round ends with a search on the new base (four times the
+projections) for the next round's ``M_i``. The search stops when the base
+is explained (a witness found: the releases are exactly consistent with
+it), when no move scores higher, or after ``--rounds`` rounds.
+
+It prints per layer ``auto``'s and the searched base's bit-exact shares,
+the share of values each reproduces, and how many of ``auto``'s wrong
+entries the search put right and how many right ones it put wrong. With
+``--first_order`` it also runs
+:func:`detune_jax.solvers.grid.first_order_margin` for each of ``auto``'s
+wrong entries (the true base with ``auto``'s value there, at the true
+base's witness) and says how many of those closed to first order (margin
+< 0 on some release) the search put right. An evaluation tool: it needs
+the true base. It is slow (each score is a
+search over the whole layer), so it is a measurement, not a method.
+Results: docs/results.md, "Low ranks: searching for a consistent base".
+
+  python -m experiments.consistency_search --dim=64 --rank=2 --layers=2 \
+      --first_order
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Sequence
+
+from absl import app
+from absl import flags
+import jax.numpy as jnp
+import numpy as np
+
+from detune_jax.solvers import grid
+from detune_jax.solvers import registry
+from experiments import frontier
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("n", 3, "Number of fine-tunes.")
+flags.DEFINE_integer("dim", 64, "Synthetic layer size.")
+flags.DEFINE_integer("rank", 2, "LoRA rank.")
+flags.DEFINE_integer("layers", 2, "Synthetic layers (seeds).")
+flags.DEFINE_integer("rounds", 30, "Rounds of the search at most.")
+flags.DEFINE_integer("accept", 10, "Moves kept per round at most.")
+flags.DEFINE_integer("score_steps", 1000, "Projections per score.")
+flags.DEFINE_integer("candidates", 0, "Moves scored per round: 0, every "
+                     "entry with a value not reproduced, one grid step up "
+                     "and one down; else that many entries, those the "
+                     "rounding intervals pull hardest, one step their way "
+                     "(cheaper; it stalls sooner).")
+flags.DEFINE_integer("explain_steps", 32000, "Projections of the first "
+                     "search on auto's output.")
+flags.DEFINE_bool("first_order", False, "Also the first-order test of each "
+                  "of auto's wrong entries (an LP per release and entry).")
+flags.DEFINE_string("json_out", None, "Write the rows to this JSON file.")
+
+
+def _all_moves(Wp, W, M):
+  """Every entry with a value not reproduced by ``W + M_i``, one grid step
+  up and one down: ``[(flat entry, value)]``. Released zeros are left out
+  (``explain_releases`` counts them within a tolerance; no grid step of
+  ``W`` mends them)."""
+  out = (np.asarray(W, np.float64)[None] + M).astype(np.float32)
+  out = np.asarray(jnp.asarray(out).astype(Wp.dtype))
+  released = np.asarray(Wp)
+  entries = np.flatnonzero(((out != released) & (released != 0)).any(0))
+  Wb = jnp.asarray(W.ravel()[entries], Wp.dtype)
+  return [(e, float(v)) for up in (True, False) for e, v in
+          zip(entries, np.asarray(grid._next_toward(Wb, up), np.float32))]
+
+
+def _pulled_moves(Wp, W, M, count):
+  """The ``count`` entries that the rounding intervals pull hardest, one
+  grid step the way they pull: ``sum_i clip(W + M_i, lo_i, hi_i) - (W +
+  M_i)``, the step ``W`` would take toward the boxes given the ``M_i``."""
+  lo, hi = (np.asarray(x, np.float64) for x in grid.rounding_interval(Wp))
+  S = np.asarray(W, np.float64)[None] + M
+  # Released zeros left out, as in _all_moves.
+  pull = np.where(np.asarray(Wp) != 0, np.clip(S, lo, hi) - S, 0.0)
+  pull = pull.sum(0).ravel()
+  entries = np.argsort(-np.abs(pull), kind="stable")[:count]
+  entries = entries[pull[entries] != 0]
+  Wb = jnp.asarray(W.ravel()[entries], Wp.dtype)
+  up = np.asarray(grid._next_toward(Wb, True), np.float32)
+  down = np.asarray(grid._next_toward(Wb, False), np.float32)
+  return list(zip(entries, np.where(pull[entries] > 0, up, down).tolist()))
+
+
+def _scores(Wp, W, M, rank, moves, steps, chunk=64):
+  """Reproduced share of each base ``W`` with one move ``(entry, value)``,
+  after ``steps`` projections from ``M``."""
+  out = []
+  for c in range(0, len(moves), chunk):
+    batch = moves[c:c + chunk]
+    bases = np.repeat(W.ravel()[None], len(batch), 0)
+    for base, (e, v) in zip(bases, batch):
+      base[e] = v
+    g = len(batch)
+    ex = grid.explain_releases(
+        jnp.broadcast_to(Wp, (g,) + Wp.shape), bases.reshape((g,) + W.shape),
+        rank, max_steps=steps, start=np.broadcast_to(M, (g,) + M.shape))
+    out += np.ravel(ex.reproduced).tolist()
+  return np.asarray(out)
+
+
+def consistency_search(Wp, W, rank, *, rounds, accept, score_steps,
+                       explain_steps, candidates=0, start=None, log=None):
+  """The greedy search of the module docstring on one layer, from ``W``
+  (and the first search from the updates ``start``, if given).
+
+  Returns ``(W, info)``: the searched float32 base and a dict with the
+  reproduced share before and after, whether the result is explained, and
+  the rounds run.
+  """
+  W = np.array(W, np.float32)
+  ex = grid.explain_releases(Wp, W, rank, max_steps=explain_steps,
+                             start=start)
+  M, cur = ex.updates, float(ex.reproduced)
+  info = dict(reproduced_start=cur, explained_start=bool(ex.explained))
+  rounds_run = 0
+  while not bool(ex.explained) and rounds_run < rounds:
+    rounds_run += 1
+    moves = (_pulled_moves(Wp, W, M, candidates) if candidates
+             else _all_moves(Wp, W, M))
+    scores = _scores(Wp, W, M, rank, moves, score_steps)
+    if not np.any(scores > cur):
+      # A stall: the scores are searches cut short, so the moves of every
+      # entry with a value not reproduced are scored with longer ones
+      # before giving up.
+      moves = _all_moves(Wp, W, M)
+      scores = _scores(Wp, W, M, rank, moves, 4 * score_steps)
+    taken = set()
+    for i in np.argsort(-scores, kind="stable"):
+      if scores[i] <= cur or len(taken) >= accept:
+        break
+      e, v = moves[i]
+      if e not in taken:
+        taken.add(e)
+        W.flat[e] = v
+    # A longer search on the new base (on the same one when no move scored
+    # higher: it may still be explained).
+    ex = grid.explain_releases(Wp, W, rank, max_steps=4 * score_steps,
+                               start=M)
+    M, cur = ex.updates, float(ex.reproduced)
+    if log:
+      log(f"  round {rounds_run}: {len(moves)} moves scored, {len(taken)} "
+          f"kept; {100 * cur:.3f}% reproduced")
+    if not taken:
+      break
+  info.update(reproduced=cur, explained=bool(ex.explained),
+              rounds=rounds_run)
+  return W, info
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  truths, releases = frontier.scenario_stack(
+      "gaussian_bf16", FLAGS.n, dim=FLAGS.dim, rank=FLAGS.rank,
+      layers=FLAGS.layers, shared=0.0, minilm_dir="")
+  rows = []
+  for layer in range(FLAGS.layers):
+    Wp = jnp.asarray(releases[layer])
+    truth = np.asarray(jnp.asarray(truths[layer], jnp.float32))
+    W_a, _ = registry.solve(Wp, FLAGS.rank, solver="auto")
+    W_a = np.asarray(W_a, np.float32)
+    start = time.perf_counter()
+    W_s, info = consistency_search(
+        Wp, W_a, FLAGS.rank, rounds=FLAGS.rounds, accept=FLAGS.accept,
+        score_steps=FLAGS.score_steps, explain_steps=FLAGS.explain_steps,
+        candidates=FLAGS.candidates, log=lambda s: print(s, flush=True))
+    wrong_a, wrong_s = W_a != truth, W_s != truth
+    row = dict(layer=layer, auto=float(np.mean(~wrong_a)),
+               searched=float(np.mean(~wrong_s)),
+               auto_wrong=int(wrong_a.sum()),
+               put_right=int(np.sum(wrong_a & ~wrong_s)),
+               put_wrong=int(np.sum(~wrong_a & wrong_s)),
+               seconds=time.perf_counter() - start, **info)
+    if row["explained"]:
+      # An explained base: the releases determine no weight where it differs
+      # from the true one.
+      row["identifiable_bound"] = row["searched"]
+    print(f"layer {layer}: auto {100 * row['auto']:.2f}% bit-exact "
+          f"({100 * row['reproduced_start']:.2f}% of the values "
+          f"reproduced), searched {100 * row['searched']:.2f}% "
+          f"({100 * row['reproduced']:.2f}%, explained: {row['explained']}; "
+          f"{row['rounds']} rounds, {row['seconds']:.0f} s); of auto's "
+          f"{row['auto_wrong']} wrong entries {row['put_right']} put right, "
+          f"{row['put_wrong']} right ones put wrong", flush=True)
+    if FLAGS.first_order:
+      witness = grid.explain_releases(Wp, truth, FLAGS.rank,
+                                      max_steps=FLAGS.explain_steps)
+      if not bool(witness.explained):
+        print(f"layer {layer}: the true base not explained; no first-order "
+              "test", flush=True)
+      else:
+        entries = np.flatnonzero(wrong_a)
+        margins = np.zeros(entries.size)
+        for j, e in enumerate(entries):
+          base = truth.copy()
+          base.flat[e] = W_a.flat[e]
+          margins[j] = grid.first_order_margin(
+              Wp, base, witness.updates, FLAGS.rank).min()
+        closed = margins < 0
+        right = ~wrong_s.ravel()[entries]
+        row.update(closed=int(closed.sum()),
+                   closed_put_right=int(np.sum(closed & right)),
+                   closed_margins=np.sort(margins[closed]).tolist())
+        print(f"layer {layer}: {row['closed']} of auto's wrong entries are "
+              f"closed to first order; the search put "
+              f"{row['closed_put_right']} of them right", flush=True)
+    rows.append(row)
+  if FLAGS.json_out:
+    with open(FLAGS.json_out, "w") as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
