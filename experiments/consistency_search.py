@@ -57,23 +57,28 @@ from detune_jax.solvers import registry
 from experiments import frontier
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("n", 3, "Number of fine-tunes.")
-flags.DEFINE_integer("dim", 64, "Synthetic layer size.")
-flags.DEFINE_integer("rank", 2, "LoRA rank.")
-flags.DEFINE_integer("layers", 2, "Synthetic layers (seeds).")
-flags.DEFINE_integer("rounds", 30, "Rounds of the search at most.")
-flags.DEFINE_integer("accept", 10, "Moves kept per round at most.")
-flags.DEFINE_integer("score_steps", 1000, "Projections per score.")
-flags.DEFINE_integer("candidates", 0, "Moves scored per round: 0, every "
-                     "entry with a value not reproduced, one grid step up "
-                     "and one down; else that many entries, those the "
-                     "rounding intervals pull hardest, one step their way "
-                     "(cheaper; it stalls sooner).")
-flags.DEFINE_integer("explain_steps", 32000, "Projections of the first "
-                     "search on auto's output.")
-flags.DEFINE_bool("first_order", False, "Also the first-order test of each "
-                  "of auto's wrong entries (an LP per release and entry).")
-flags.DEFINE_string("json_out", None, "Write the rows to this JSON file.")
+
+
+def define_flags():
+  """Flags of the binary (defined on run, so that imports never clash)."""
+  flags.DEFINE_integer("n", 3, "Number of fine-tunes.")
+  flags.DEFINE_integer("dim", 64, "Synthetic layer size.")
+  flags.DEFINE_integer("rank", 2, "LoRA rank.")
+  flags.DEFINE_integer("layers", 2, "Synthetic layers (seeds).")
+  flags.DEFINE_integer("rounds", 30, "Rounds of the search at most.")
+  flags.DEFINE_integer("accept", 10, "Moves kept per round at most.")
+  flags.DEFINE_integer("score_steps", 1000, "Projections per score.")
+  flags.DEFINE_integer("candidates", 0, "Moves scored per round: 0, every "
+                       "entry with a value not reproduced, one grid step up "
+                       "and one down; else that many entries, those the "
+                       "rounding intervals pull hardest, one step their way "
+                       "(cheaper; it stalls sooner).")
+  flags.DEFINE_integer("explain_steps", 32000, "Projections of the first "
+                       "search on auto's output.")
+  flags.DEFINE_bool("first_order", False, "Also the first-order test of "
+                    "each of auto's wrong entries (an LP per release and "
+                    "entry).")
+  flags.DEFINE_string("json_out", None, "Write the rows to this JSON file.")
 
 
 def _all_moves(Wp, W, M):
@@ -236,4 +241,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
