@@ -39,7 +39,7 @@ def test_search_finds_an_explained_base_with_more_weights_right():
   assert info["reproduced_start"] < 0.99 and info["reproduced"] == 1.0
   right_a, right = np.mean(W_a == truth), np.mean(found == truth)
   assert right > right_a + 0.005
-  # It moves single grid steps only.
+  # Moves are single grid steps; here no entry moved twice.
   moved = found != W_a
   up = np.asarray(grid._next_toward(jnp.asarray(W_a, jnp.bfloat16), True),
                   np.float32)
