@@ -70,64 +70,68 @@ from detune_jax.solvers import registry
 from experiments import frontier
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("scenario", "gaussian", "gaussian (synthetic) or minilm "
-                    "(the cached real fine-tunes of "
-                    "experiments.build_minilm_finetunes).")
-flags.DEFINE_list("ns", ["3", "5"], "Numbers of fine-tunes.")
-flags.DEFINE_integer("dim", 256, "Synthetic layer size.")
-flags.DEFINE_integer("rank", 16, "LoRA rank.")
-flags.DEFINE_integer("layers", 2, "Synthetic layers (seeds).")
-flags.DEFINE_integer("grid_steps", 100, "Alternations of grid_refine.")
-flags.DEFINE_list("grid_restarts", [str(registry.GRID_RESTARTS)],
-                  "Restarts of grid_refine for the auto rows: one row per "
-                  "value; the default's row is 'auto', others 'auto+rN'.")
-flags.DEFINE_list("grid_snap_from", [str(grid.SNAP_FROM)],
-                  "grid_refine's snap_from for the auto rows (0.5: every "
-                  "entry snapped from the first alternation): one row per "
-                  "value and per value of the other grid flags; rows off "
-                  "the default are named e.g. 'auto+snap0.5'.")
-flags.DEFINE_list("grid_shrink", [str(grid.SHRINK)],
-                  "grid_refine's shrink for the auto rows (0: the full box), "
-                  "as --grid_snap_from; rows e.g. 'auto+shrink0'.")
-flags.DEFINE_string("minilm_dir", os.path.join("~", ".cache", "detune_jax",
-                                               "minilm_finetunes"),
-                    "Cache of the MiniLM fine-tunes.")
-flags.DEFINE_string("json_out", None, "Write the rows to this JSON file.")
-flags.DEFINE_bool("explain", False, "Also look for rank-r updates with which "
-                  "the default auto row's base and the true base reproduce "
-                  "every released value (grid.explain_releases; float64, "
-                  "up to a minute per MiniLM layer).")
-flags.DEFINE_integer("explain_steps", 32000, "explain_releases's max_steps.")
-flags.DEFINE_bool("explain_swaps", False, "With --explain, also look for "
-                  "explained bases next to the true one: (a) the true base "
-                  "with every entry that the true updates leave open moved "
-                  "to another grid point of its intersection (row "
-                  "explain_moved); (b) for each layer where a candidate of "
-                  "--swaps_of is not explained, the true base with the "
-                  "candidate's value at one of the entries where they "
-                  "differ (rows swaps_<name>). Each one explained is an entry "
-                  "the releases leave open; the bound counts them.")
-flags.DEFINE_list("swaps_of", ["auto", "oracle"], "Candidates whose "
-                  "differences from the true base --explain_swaps tests.")
-flags.DEFINE_integer("swap_group", 1, "Entries swapped together in a first "
-                     "test; a group not explained is split in halves down to "
-                     "single entries (groups pay where most entries are "
-                     "open and few interact: at 96x96 r=4, not at 256x256).")
-flags.DEFINE_integer("swap_sample", 0, "Test at most this many of a layer's "
-                     "entries (a seeded random sample; 0: all). The bound "
-                     "counts only the entries tested; the rows give the "
-                     "share open among them.")
-flags.DEFINE_integer("swap_steps", 8000, "explain_releases's max_steps per "
-                     "swap test (started from the true base's witness).")
-flags.DEFINE_enum("swap_first_order", "none", ["none", "unopened", "all"],
-                  "Also the first-order test (grid.first_order_margin, an LP "
-                  "per release) of each swap: the true base with the "
-                  "candidate's value at one entry, at the true base's "
-                  "witness; for the tested entries the search did not open "
-                  "(unopened) or for every tested entry (all, to compare the "
-                  "two). An entry whose margin is < 0 on some release is "
-                  "closed to first order: no update next to the witness "
-                  "explains that base.")
+
+
+def define_flags():
+  """Flags of the binary (defined on run, so that imports never clash)."""
+  flags.DEFINE_string("scenario", "gaussian", "gaussian (synthetic) or minilm "
+                      "(the cached real fine-tunes of "
+                      "experiments.build_minilm_finetunes).")
+  flags.DEFINE_list("ns", ["3", "5"], "Numbers of fine-tunes.")
+  flags.DEFINE_integer("dim", 256, "Synthetic layer size.")
+  flags.DEFINE_integer("rank", 16, "LoRA rank.")
+  flags.DEFINE_integer("layers", 2, "Synthetic layers (seeds).")
+  flags.DEFINE_integer("grid_steps", 100, "Alternations of grid_refine.")
+  flags.DEFINE_list("grid_restarts", [str(registry.GRID_RESTARTS)],
+                    "Restarts of grid_refine for the auto rows: one row per "
+                    "value; the default's row is 'auto', others 'auto+rN'.")
+  flags.DEFINE_list("grid_snap_from", [str(grid.SNAP_FROM)],
+                    "grid_refine's snap_from for the auto rows (0.5: every "
+                    "entry snapped from the first alternation): one row per "
+                    "value and per value of the other grid flags; rows off "
+                    "the default are named e.g. 'auto+snap0.5'.")
+  flags.DEFINE_list("grid_shrink", [str(grid.SHRINK)],
+                    "grid_refine's shrink for the auto rows (0: the full box), "
+                    "as --grid_snap_from; rows e.g. 'auto+shrink0'.")
+  flags.DEFINE_string("minilm_dir", os.path.join("~", ".cache", "detune_jax",
+                                                 "minilm_finetunes"),
+                      "Cache of the MiniLM fine-tunes.")
+  flags.DEFINE_string("json_out", None, "Write the rows to this JSON file.")
+  flags.DEFINE_bool("explain", False, "Also look for rank-r updates with which "
+                    "the default auto row's base and the true base reproduce "
+                    "every released value (grid.explain_releases; float64, "
+                    "up to a minute per MiniLM layer).")
+  flags.DEFINE_integer("explain_steps", 32000, "explain_releases's max_steps.")
+  flags.DEFINE_bool("explain_swaps", False, "With --explain, also look for "
+                    "explained bases next to the true one: (a) the true base "
+                    "with every entry that the true updates leave open moved "
+                    "to another grid point of its intersection (row "
+                    "explain_moved); (b) for each layer where a candidate of "
+                    "--swaps_of is not explained, the true base with the "
+                    "candidate's value at one of the entries where they "
+                    "differ (rows swaps_<name>). Each one explained is an "
+                    "entry the releases leave open; the bound counts them.")
+  flags.DEFINE_list("swaps_of", ["auto", "oracle"], "Candidates whose "
+                    "differences from the true base --explain_swaps tests.")
+  flags.DEFINE_integer("swap_group", 1, "Entries swapped together in a first "
+                       "test; a group not explained is split in halves down to "
+                       "single entries (groups pay where most entries are "
+                       "open and few interact: at 96x96 r=4, not at 256x256).")
+  flags.DEFINE_integer("swap_sample", 0, "Test at most this many of a layer's "
+                       "entries (a seeded random sample; 0: all). The bound "
+                       "counts only the entries tested; the rows give the "
+                       "share open among them.")
+  flags.DEFINE_integer("swap_steps", 8000, "explain_releases's max_steps per "
+                       "swap test (started from the true base's witness).")
+  flags.DEFINE_enum("swap_first_order", "none", ["none", "unopened", "all"],
+                    "Also the first-order test (grid.first_order_margin, an LP "
+                    "per release) of each swap: the true base with the "
+                    "candidate's value at one entry, at the true base's "
+                    "witness; for the tested entries the search did not open "
+                    "(unopened) or for every tested entry (all, to compare the "
+                    "two). An entry whose margin is < 0 on some release is "
+                    "closed to first order: no update next to the witness "
+                    "explains that base.")
 
 
 def _stack(n: int):
@@ -156,6 +160,29 @@ def _row(name, n, W, W_true):
                                        jnp.asarray(W_true, jnp.float32))))
 
 
+def explain_changed(Wp, W, changes, rank, *, steps, start=None, chunk=32):
+  """``(explained, reproduced)`` arrays, one per change: whether
+  :func:`grid.explain_releases` (``steps`` projections, from the updates
+  ``start`` if given) explains ``W`` with one change ``(flat entries,
+  values)`` made, and the share of released values reproduced; ``chunk``
+  bases a call."""
+  explained, reproduced = [], []
+  for c in range(0, len(changes), chunk):
+    batch = changes[c:c + chunk]
+    bases = np.repeat(np.ravel(W)[None], len(batch), 0)
+    for base, (idx, v) in zip(bases, batch):
+      base[idx] = v
+    g = len(batch)
+    ex = grid.explain_releases(
+        jnp.broadcast_to(Wp, (g,) + Wp.shape),
+        bases.reshape((g,) + np.shape(W)), rank, max_steps=steps,
+        start=None if start is None else np.broadcast_to(
+            start, (g,) + np.shape(start)))
+    explained += np.ravel(ex.explained).tolist()
+    reproduced += np.ravel(ex.reproduced).tolist()
+  return np.asarray(explained, bool), np.asarray(reproduced)
+
+
 def _swap_tests(Wp, truth, W, rank, start, *, group, steps, seed,
                 sample=0, chunk=32):
   """``(open mask, tested mask, tests run)``: the entries of one layer
@@ -173,19 +200,9 @@ def _swap_tests(Wp, truth, W, rank, start, *, group, steps, seed,
   open_ = np.zeros(flat.size, bool)
   tests = 0
   while pending:
-    explained = []
-    for c in range(0, len(pending), chunk):
-      batch = pending[c:c + chunk]
-      bases = np.repeat(flat[None], len(batch), 0)
-      for base, idx in zip(bases, batch):
-        base[idx] = values[idx]
-      g = len(batch)
-      ex = grid.explain_releases(
-          jnp.broadcast_to(Wp, (g,) + Wp.shape), bases.reshape(
-              (g,) + truth.shape), rank, max_steps=steps,
-          start=None if start is None else np.broadcast_to(
-              start, (g,) + start.shape))
-      explained += np.asarray(ex.explained).tolist()
+    explained, _ = explain_changed(
+        Wp, truth, [(idx, values[idx]) for idx in pending], rank,
+        steps=steps, start=start, chunk=chunk)
     tests += len(pending)
     split = []
     for idx, ok in zip(pending, explained):
@@ -406,4 +423,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -33,8 +33,8 @@ entries the search put right and how many right ones it put wrong. With
 wrong entries (the true base with ``auto``'s value there, at the true
 base's witness) and says how many of those closed to first order (margin
 < 0 on some release) the search put right. An evaluation tool: it needs
-the true base. It is slow (each score is a
-search over the whole layer), so it is a measurement, not a method.
+the true base. It is slow (each score is a search over the whole layer),
+so it is a measurement, not a method.
 Results: docs/results.md, "Low ranks: searching for a consistent base".
 
   python -m experiments.consistency_search --dim=64 --rank=2 --layers=2 \
@@ -54,6 +54,7 @@ import numpy as np
 
 from detune_jax.solvers import grid
 from detune_jax.solvers import registry
+from experiments import bit_exact
 from experiments import frontier
 
 FLAGS = flags.FLAGS
@@ -112,21 +113,11 @@ def _pulled_moves(Wp, W, M, count):
   return list(zip(entries, np.where(pull[entries] > 0, up, down).tolist()))
 
 
-def _scores(Wp, W, M, rank, moves, steps, chunk=64):
+def _scores(Wp, W, M, rank, moves, steps):
   """Reproduced share of each base ``W`` with one move ``(entry, value)``,
   after ``steps`` projections from ``M``."""
-  out = []
-  for c in range(0, len(moves), chunk):
-    batch = moves[c:c + chunk]
-    bases = np.repeat(W.ravel()[None], len(batch), 0)
-    for base, (e, v) in zip(bases, batch):
-      base[e] = v
-    g = len(batch)
-    ex = grid.explain_releases(
-        jnp.broadcast_to(Wp, (g,) + Wp.shape), bases.reshape((g,) + W.shape),
-        rank, max_steps=steps, start=np.broadcast_to(M, (g,) + M.shape))
-    out += np.ravel(ex.reproduced).tolist()
-  return np.asarray(out)
+  return bit_exact.explain_changed(Wp, W, moves, rank, steps=steps, start=M,
+                                   chunk=64)[1]
 
 
 def consistency_search(Wp, W, rank, *, rounds, accept, score_steps,
@@ -220,12 +211,8 @@ def main(argv: Sequence[str]) -> None:
               "test", flush=True)
       else:
         entries = np.flatnonzero(wrong_a)
-        margins = np.zeros(entries.size)
-        for j, e in enumerate(entries):
-          base = truth.copy()
-          base.flat[e] = W_a.flat[e]
-          margins[j] = grid.first_order_margin(
-              Wp, base, witness.updates, FLAGS.rank).min()
+        margins = bit_exact._first_order(Wp, truth, W_a, FLAGS.rank,
+                                         witness.updates, entries)
         closed = margins < 0
         right = ~wrong_s.ravel()[entries]
         row.update(closed=int(closed.sum()),
