@@ -46,6 +46,10 @@ _GRID_RESTARTS = flags.DEFINE_integer(
     "detune_jax.solvers.registry.GRID_RESTARTS, one). 0: about 0.5-0.8x "
     "the time for 0.03-0.2 points fewer bit-exact weights on real "
     "fine-tunes (docs/results.md).", lower_bound=0)
+_GRID_STEPS = flags.DEFINE_integer(
+    "grid_steps", None, "Alternations of the dtype-aware grid step per round "
+    "(default: 100). 1000: about 5x the solver time for 0.1 points more "
+    "bit-exact weights on real fine-tunes (docs/results.md).", lower_bound=1)
 _MAX_MEMORY_GB = flags.DEFINE_float("max_memory_gb", 4.0, "Memory budget of "
                                     "one batch of same-shape layers.")
 _GROUND_TRUTH = flags.DEFINE_string("ground_truth", None, "True base model, "
@@ -102,8 +106,11 @@ def main(argv):
                    solver=_SOLVER.value, max_memory_gb=_MAX_MEMORY_GB.value,
                    ambiguous_rank=_AMBIGUOUS.value, plots=_PLOTS.value,
                    dtype_aware=_DTYPE_AWARE.value)
-    if _GRID_RESTARTS.value is not None:
-      options["solver_options"] = (("grid_restarts", _GRID_RESTARTS.value),)
+    grid_options = tuple((name, flag.value) for name, flag in (
+        ("grid_restarts", _GRID_RESTARTS), ("grid_steps", _GRID_STEPS))
+                         if flag.value is not None)
+    if grid_options:
+      options["solver_options"] = grid_options
     if _DEMO.value or not (_MODELS.value or _LOWRA.value):
       report = pipeline.demo(_OUTPUT_DIR.value, steps=_STEPS.value,
                              seed=_SEED.value, plots=_PLOTS.value,

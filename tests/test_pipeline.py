@@ -255,27 +255,28 @@ def test_bf16_release_is_refined_on_the_grid_by_default(tmp_path):
   assert on["w_error"] <= off["w_error"]
 
 
-def test_grid_restarts_reach_the_grid_step(tmp_path, monkeypatch):
+def test_grid_options_reach_the_grid_step(tmp_path, monkeypatch):
   from detune_jax.solvers import grid, registry
   models, base = make_tiny(tmp_path / "m", dtype=ml_dtypes.bfloat16)
   seen = []
   real = grid.grid_refine
 
   def spy(*args, **kwargs):
-    seen.append(kwargs["restarts"])
+    seen.append((kwargs["restarts"], kwargs["steps"]))
     return real(*args, **kwargs)
 
   monkeypatch.setattr(grid, "grid_refine", spy)
   default = pipeline.recover(_config(models, tmp_path / "a"),
                              progress_bar=False)
-  assert seen and set(seen) == {registry.GRID_RESTARTS}
+  assert seen and set(seen) == {(registry.GRID_RESTARTS, 100)}
   seen.clear()
+  options = (("grid_restarts", 0), ("grid_steps", 7))
   off = pipeline.recover(_config(models, tmp_path / "b",
-                                 solver_options=(("grid_restarts", 0),)),
+                                 solver_options=options),
                          progress_bar=False)
-  assert seen and set(seen) == {0}
+  assert seen and set(seen) == {(0, 7)}
   assert default["solver_options"] == {}
-  assert off["solver_options"] == {"grid_restarts": 0}
+  assert off["solver_options"] == {"grid_restarts": 0, "grid_steps": 7}
 
 
 def test_iterative_solver_reports_its_steps_and_loss_curve(tiny_models,

@@ -202,16 +202,18 @@ def test_embedded_demo_runs(tmp_path):
   assert ours < -12 and mean > -6
 
 
-def test_grid_restarts_flag(tmp_path):
+def test_grid_flags(tmp_path):
   import ml_dtypes
   models, _ = make_tiny(tmp_path / "m", dtype=ml_dtypes.bfloat16)
   out = tmp_path / "out"
   res = _run(f"--models={','.join(models)}", f"--output_dir={out}",
-             f"--steps={STEPS}", "--grid_restarts=0")
+             f"--steps={STEPS}", "--grid_restarts=0", "--grid_steps=7")
   assert res.returncode == 0, res.stderr[-2000:]
   report = json.loads((out / pipeline.REPORT_FILE).read_text())
-  assert report["solver_options"] == {"grid_restarts": 0}
-  bad = _run(f"--models={','.join(models)}", f"--output_dir={tmp_path / 'x'}",
-             "--grid_restarts=-1")
-  assert bad.returncode != 0 and "grid_restarts" in bad.stderr
-  assert not os.path.exists(tmp_path / "x")
+  assert report["solver_options"] == {"grid_restarts": 0, "grid_steps": 7}
+  for bad_flag in ("--grid_restarts=-1", "--grid_steps=0"):
+    bad = _run(f"--models={','.join(models)}",
+               f"--output_dir={tmp_path / 'x'}", bad_flag)
+    assert bad.returncode != 0
+    assert bad_flag.split("=")[0][2:] in bad.stderr
+    assert not os.path.exists(tmp_path / "x")
