@@ -81,7 +81,8 @@ def define_flags():
   flags.DEFINE_integer("dim", 256, "Synthetic layer size.")
   flags.DEFINE_integer("rank", 16, "LoRA rank.")
   flags.DEFINE_integer("layers", 2, "Synthetic layers (seeds).")
-  flags.DEFINE_integer("grid_steps", 100, "Alternations of grid_refine.")
+  flags.DEFINE_integer("grid_steps", registry.GRID_STEPS, "Alternations of "
+                       "grid_refine per round.")
   flags.DEFINE_list("grid_restarts", [str(registry.GRID_RESTARTS)],
                     "Restarts of grid_refine for the auto rows: one row per "
                     "value; the default's row is 'auto', others 'auto+rN'.")

@@ -48,8 +48,9 @@ _GRID_RESTARTS = flags.DEFINE_integer(
     "fine-tunes (docs/results.md).", lower_bound=0)
 _GRID_STEPS = flags.DEFINE_integer(
     "grid_steps", None, "Alternations of the dtype-aware grid step per round "
-    "(default: 100). 1000: about 5x the solver time for 0.1 points more "
-    "bit-exact weights on real fine-tunes (docs/results.md).", lower_bound=1)
+    "(default: detune_jax.solvers.registry.GRID_STEPS, 100). 1000: about 5x "
+    "the solver time for 0.1 points more bit-exact weights on real "
+    "fine-tunes (docs/results.md).", lower_bound=1)
 _MAX_MEMORY_GB = flags.DEFINE_float("max_memory_gb", 4.0, "Memory budget of "
                                     "one batch of same-shape layers.")
 _GROUND_TRUTH = flags.DEFINE_string("ground_truth", None, "True base model, "

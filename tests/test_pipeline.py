@@ -268,7 +268,7 @@ def test_grid_options_reach_the_grid_step(tmp_path, monkeypatch):
   monkeypatch.setattr(grid, "grid_refine", spy)
   default = pipeline.recover(_config(models, tmp_path / "a"),
                              progress_bar=False)
-  assert seen and set(seen) == {(registry.GRID_RESTARTS, 100)}
+  assert seen and set(seen) == {(registry.GRID_RESTARTS, registry.GRID_STEPS)}
   seen.clear()
   options = (("grid_restarts", 0), ("grid_steps", 7))
   off = pipeline.recover(_config(models, tmp_path / "b",
