@@ -8,7 +8,14 @@ compiles it, then ``--repeats`` timed calls (medians; compilation is
 reported apart), with the W-Error of the result and the ratio of each
 method's time to the closed form's.
 
+With ``--dtype=bfloat16`` the fine-tunes are released in bf16 (the base on
+the bf16 grid too), so every solver but ``mean_lora`` also runs the
+dtype-aware grid step, as ``experiments.recover`` does, and the share of
+weights recovered bit-exactly is printed.
+
   python -m experiments.bench_closed_form --repeats=3
+  python -m experiments.bench_closed_form --dim=2048 --ns=3 --methods=auto \
+      --dtype=bfloat16
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Sequence
 from absl import app
 from absl import flags
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import detune_jax as dj
@@ -35,11 +43,14 @@ flags.DEFINE_integer("layers", 1, "Layers per call (vmapped).")
 flags.DEFINE_integer("steps", 300, "Steps of the iterative solvers.")
 flags.DEFINE_list("methods", ["closed_form", "closed_form+refine", "auto",
                               "spectral_detuning"], "Solvers to time.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Release "
+                  "dtype of the fine-tunes.")
 flags.DEFINE_string("json_out", None, "Write the rows to this JSON file.")
 
 
 def _stack(n: int):
-  pairs = [lora_stack(seed, FLAGS.dim, FLAGS.dim, n=n, rank=FLAGS.rank)
+  pairs = [lora_stack(seed, FLAGS.dim, FLAGS.dim, n=n, rank=FLAGS.rank,
+                      dtype=jnp.dtype(FLAGS.dtype))
            for seed in range(FLAGS.layers)]
   W = np.stack([np.asarray(p[0]) for p in pairs])
   Wp = np.stack([np.asarray(p[1]) for p in pairs])
@@ -63,16 +74,20 @@ def time_method(method: str, W, Wp) -> dict:
     t0 = time.perf_counter()
     W_rec = _call(method, Wp, FLAGS.steps)
     runs.append(time.perf_counter() - t0)
-  return dict(method=method, seconds=float(np.median(runs)), runs=runs,
-              compile_and_first_s=first,
-              w_error=float(dj.w_error(W_rec, W)))
+  row = dict(method=method, seconds=float(np.median(runs)), runs=runs,
+             compile_and_first_s=first,
+             w_error=float(dj.w_error(W_rec, W)))
+  if FLAGS.dtype != "float32":
+    row["bit_exact"] = float(dj.bit_exact_fraction(W_rec, W))
+  return row
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
   print(f"jax {jax.__version__}, {jax.devices()}; layers {FLAGS.layers} x "
-        f"{FLAGS.dim}x{FLAGS.dim}, r={FLAGS.rank}, {FLAGS.steps} steps for "
-        f"the iterative methods, medians of {FLAGS.repeats}")
+        f"{FLAGS.dim}x{FLAGS.dim}, r={FLAGS.rank}, released in "
+        f"{FLAGS.dtype}, {FLAGS.steps} steps for the iterative methods, "
+        f"medians of {FLAGS.repeats}")
   rows = []
   for n in (int(x) for x in FLAGS.ns):
     W, Wp = _stack(n)
@@ -85,6 +100,8 @@ def main(argv: Sequence[str]) -> None:
       r["vs_closed_form"] = r["seconds"] / base if base else None
       ratio = (f"{r['vs_closed_form']:6.1f}x the closed form"
                if base else "")
+      if "bit_exact" in r:
+        ratio += f"  bit-exact {100 * r['bit_exact']:.2f}%"
       print(f"  {r['method']:19s} {r['seconds']:8.3f} s (runs "
             f"{', '.join(f'{x:.3f}' for x in r['runs'])}; first call "
             f"{r['compile_and_first_s']:.1f} s)  W-Error {r['w_error']:7.2f}"
