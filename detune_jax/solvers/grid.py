@@ -139,13 +139,17 @@ def interval_estimate(W_primes, M, *, estimator: str = "midrange"):
 def _intersection(lo, hi, M):
   """``(lower, upper)``: the intersection over the stacked axis (-3) of the
   intervals ``[lo_i - M_i, hi_i - M_i]`` that hold ``W`` given ``M``."""
-  # Unrolled over the stacked axis, as stack_sum: XLA:CPU reduces over an
-  # outer axis several times slower, and this runs in every step of the grid
-  # step's loops (`auto` on a 2048x2048 bf16 layer, n=3: 2.3x faster in all;
-  # docs/results.md, "The grid step on large layers").
-  parts = lambda x: [x[..., i, :, :] for i in range(x.shape[-3])]
-  return (functools.reduce(jnp.maximum, parts(lo - M)),
-          functools.reduce(jnp.minimum, parts(hi - M)))
+  # A loop over the stacked axis, one slice at a time: XLA:CPU reduces over
+  # an outer axis several times slower, and this runs in every step of the
+  # grid step's loops (docs/results.md, "The grid step on large layers").
+  # Unrolled, it was as fast but held more temporary memory for n = 8.
+  def over_stack(op, bound):
+    axis = M.ndim - 3
+    part = lambda i: (jax.lax.dynamic_index_in_dim(bound, i, axis, False)
+                      - jax.lax.dynamic_index_in_dim(M, i, axis, False))
+    return jax.lax.fori_loop(1, M.shape[-3], lambda i, acc: op(acc, part(i)),
+                             part(0))
+  return over_stack(jnp.maximum, lo), over_stack(jnp.minimum, hi)
 
 
 def _estimate(W_primes, lo, hi, M, estimator):
