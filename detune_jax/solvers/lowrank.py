@@ -91,7 +91,11 @@ def svd_of_gram(G, rtol: float = 1e-6):
 
 def _rayleigh_ritz(A, Q):
   """SVD of ``A`` restricted to the column space of orthonormal ``Q``."""
-  u, s, V = svd_wide(Q.T @ A)
+  # The barrier keeps ``Q.T @ A`` a product of its own: otherwise XLA:CPU
+  # folds svd_wide's transpose into it and computes ``A.T @ Q``, which it
+  # runs several times slower on a large ``A`` (docs/results.md, "The grid
+  # step on large layers").
+  u, s, V = svd_wide(jax.lax.optimization_barrier(Q.T @ A))
   return Q @ u, s, V
 
 
