@@ -163,10 +163,18 @@ def matrix_shape(shape: Sequence[int]) -> Tuple[int, int]:
   return int(shape[0]), int(math.prod(shape[1:]))
 
 
-def layer_bytes(d: int, k: int, n: int) -> int:
+def layer_bytes(d: int, k: int, n: int, grid: bool = False) -> int:
   """Estimated solver memory of one ``[n, d, k]`` layer (float32 work
-  arrays: the stack, residuals, low-rank terms and a few ``[d, k]``)."""
-  return 4 * d * k * (3 * n + 6)
+  arrays: the stack, residuals, low-rank terms and a few ``[d, k]``).
+
+  With ``grid`` (a bf16/fp16 layer that runs the dtype-aware grid step),
+  that step's: XLA plans about ``6n`` ``[d, k]`` float32 arrays of
+  temporaries for its loops (each input's rounding interval, update and
+  projection) beside its arguments, more than the solver before it
+  (``python -m experiments.bench_closed_form --dtype=bfloat16`` prints
+  both, docs/results.md).
+  """
+  return 4 * d * k * ((8 * n + 2) if grid else (3 * n + 6))
 
 
 def initialize_distributed(coordinator_address: str, num_processes: int,
@@ -447,19 +455,25 @@ def scan(inputs: Inputs, config: RecoverConfig) -> List[TensorPlan]:
 
 
 def make_groups(plans: Sequence[TensorPlan], n: int,
-                max_memory_gb: float) -> List[Group]:
+                max_memory_gb: float, grid: bool = False) -> List[Group]:
   """Batches the LoRA layers by (matrix shape, ranks) under the budget.
 
   Layers keep their order in the model; a batch holds at least one layer.
+  With ``grid`` (the dtype-aware grid step on), bf16/fp16 layers are
+  budgeted for that step (:func:`layer_bytes`).
   """
   by_key: Dict[tuple, List[str]] = {}
+  low: Dict[tuple, bool] = {}
   for p in plans:
     if p.kind == "lora":
-      by_key.setdefault((matrix_shape(p.shape), p.ranks), []).append(p.name)
+      key = (matrix_shape(p.shape), p.ranks)
+      by_key.setdefault(key, []).append(p.name)
+      low[key] = low.get(key, False) or p.dtype in ("BF16", "F16")
   groups = []
   budget = max_memory_gb * 2**30
   for (mshape, ranks), names in by_key.items():
-    per = max(1, int(budget // layer_bytes(*mshape, n)))
+    per = max(1, int(budget // layer_bytes(*mshape, n,
+                                           grid=grid and low[mshape, ranks])))
     for s in range(0, len(names), per):
       groups.append(Group(len(groups), tuple(names[s:s + per]), mshape, ranks))
   return groups
@@ -705,7 +719,8 @@ def recover(config: RecoverConfig, *,
     if not cached:
       write_json_atomic(os.path.join(out_dir, PLAN_FILE),
                         {"fingerprint": fp, "tensors": _plans_to_json(plans)})
-  groups = make_groups(plans, n, config.max_memory_gb)
+  groups = make_groups(plans, n, config.max_memory_gb,
+                       grid=config.dtype_aware and config.solver != "mean_lora")
   owner = assign_groups(groups, nproc)
   progress = Progress(out_dir, pid)
   done_before = progress.done()

@@ -11,7 +11,9 @@ method's time to the closed form's.
 With ``--dtype=bfloat16`` the fine-tunes are released in bf16 (the base on
 the bf16 grid too), so every solver but ``mean_lora`` also runs the
 dtype-aware grid step, as ``experiments.recover`` does, and the share of
-weights recovered bit-exactly is printed.
+weights recovered bit-exactly is printed, with the memory XLA plans for the
+grid step's program (its arguments and temporaries, in ``[d, k]`` float32
+arrays: what ``detune_jax.pipeline.layer_bytes`` budgets for such a layer).
 
   python -m experiments.bench_closed_form --repeats=3
   python -m experiments.bench_closed_form --dim=2048 --ns=3 --methods=auto \
@@ -31,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import detune_jax as dj
+from detune_jax import pipeline
+from detune_jax.solvers import grid
 from detune_jax.solvers import registry
 from detune_jax.synthetic import lora_stack
 
@@ -82,6 +86,24 @@ def time_method(method: str, W, Wp) -> dict:
   return row
 
 
+def grid_memory(n: int) -> dict:
+  """XLA's memory analysis of the default grid step on one ``[n, dim,
+  dim]`` bf16 layer, in units of a ``[dim, dim]`` float32 array."""
+  d = FLAGS.dim
+  lowered = grid._refine.lower(
+      jax.ShapeDtypeStruct((n, d, d), jnp.bfloat16),
+      jax.ShapeDtypeStruct((d, d), jnp.float32), jax.random.key(0),
+      ranks=(FLAGS.rank,) * n, steps=registry.GRID_STEPS,
+      estimator="midrange", oversample=0, free_steps=100,
+      restarts=registry.GRID_RESTARTS, snap_from=grid.SNAP_FROM,
+      shrink=grid.SHRINK)
+  ma = lowered.compile().memory_analysis()
+  unit = 4 * d * d
+  return dict(arguments=ma.argument_size_in_bytes / unit,
+              temporaries=ma.temp_size_in_bytes / unit,
+              budgeted=pipeline.layer_bytes(d, d, n, grid=True) / unit)
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
   print(f"jax {jax.__version__}, {jax.devices()}; layers {FLAGS.layers} x "
@@ -106,6 +128,13 @@ def main(argv: Sequence[str]) -> None:
             f"{', '.join(f'{x:.3f}' for x in r['runs'])}; first call "
             f"{r['compile_and_first_s']:.1f} s)  W-Error {r['w_error']:7.2f}"
             f"  {ratio}")
+    if FLAGS.dtype != "float32":
+      mem = grid_memory(n)
+      print(f"  grid step memory (XLA): arguments {mem['arguments']:.1f} + "
+            f"temporaries {mem['temporaries']:.1f} [d, k] float32 arrays; "
+            f"pipeline.layer_bytes budgets {mem['budgeted']:.1f}")
+      for r in res:
+        r["grid_memory"] = mem
     rows += res
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:

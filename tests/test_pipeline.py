@@ -114,6 +114,17 @@ def test_make_groups_respects_the_memory_budget():
   assert groups[0].names == ("l0", "l1", "l2")
   owner = pipeline.assign_groups(groups, 2)
   assert sorted(set(owner)) == [0, 1]
+  # The dtype-aware grid step changes the budget of bf16/fp16 layers only.
+  assert pipeline.make_groups(plans, 2, 3.5 * per / 2**30,
+                              grid=True) == groups
+  low = [p._replace(dtype="BF16") for p in plans]
+  assert pipeline.make_groups(low, 2, 3.5 * per / 2**30) == groups
+  per_grid = pipeline.layer_bytes(64, 64, 2, grid=True)
+  assert per_grid > per
+  budget = 2.5 * per_grid / 2**30
+  sizes = [len(g.names) for g in pipeline.make_groups(low, 2, budget,
+                                                      grid=True)]
+  assert sizes == [2, 2, 2, 2, 2, 1, 1]
 
 
 class _Killed(Exception):
