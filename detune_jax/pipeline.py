@@ -168,11 +168,11 @@ def layer_bytes(d: int, k: int, n: int, grid: bool = False) -> int:
   arrays: the stack, residuals, low-rank terms and a few ``[d, k]``).
 
   With ``grid`` (a bf16/fp16 layer that runs the dtype-aware grid step),
-  that step's: XLA plans about ``6n`` ``[d, k]`` float32 arrays of
-  temporaries for its loops (each input's rounding interval, update and
-  projection) beside its arguments, more than the solver before it
-  (``python -m experiments.bench_closed_form --dtype=bfloat16`` prints
-  both, docs/results.md).
+  that step's, which needs more than the solver before it: XLA plans about
+  ``6n`` ``[d, k]`` float32 arrays of temporaries for it beside its
+  arguments, and the float32 stack is held too (``python -m
+  experiments.bench_closed_form --dtype=bfloat16`` prints the step's
+  memory analysis and this budget; docs/results.md).
   """
   return 4 * d * k * ((8 * n + 2) if grid else (3 * n + 6))
 

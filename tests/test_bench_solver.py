@@ -1,4 +1,4 @@
-"""The benchmark binary and its PyTorch reference (tiny sizes, no timings)."""
+"""The benchmark binaries and the PyTorch reference (tiny sizes, no timings)."""
 
 import json
 import os
@@ -65,3 +65,21 @@ def test_benchmark_binary_smoke(tmp_path):
   floor = res["detune_jax"]["floor"]
   assert floor["loop_s"] > 0 and len(floor["ratio_loop"]) == 1
   assert "the one-pass floor of those steps" in proc.stdout
+
+
+def test_closed_form_benchmark_bf16_smoke(tmp_path):
+  """bench_closed_form --dtype=bfloat16 times `auto` with the grid step and
+  reports the step's memory analysis against the pipeline's budget."""
+  out = tmp_path / "bench.json"
+  cmd = [sys.executable, "-m", "experiments.bench_closed_form", "--dim=64",
+         "--ns=3", "--methods=auto", "--dtype=bfloat16", "--repeats=1",
+         f"--json_out={out}"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                        timeout=900, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "grid step memory (XLA)" in proc.stdout
+  row, = json.loads(out.read_text())
+  assert row["method"] == "auto" and 0.5 < row["bit_exact"] <= 1.0
+  mem = row["grid_memory"]
+  assert mem["temporaries"] > 0
+  assert mem["budgeted"] >= mem["arguments"] + mem["temporaries"]
