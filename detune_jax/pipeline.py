@@ -720,7 +720,8 @@ def recover(config: RecoverConfig, *,
       write_json_atomic(os.path.join(out_dir, PLAN_FILE),
                         {"fingerprint": fp, "tensors": _plans_to_json(plans)})
   groups = make_groups(plans, n, config.max_memory_gb,
-                       grid=config.dtype_aware and config.solver != "mean_lora")
+                       grid=config.dtype_aware
+                       and registry.takes_grid_step(config.solver))
   owner = assign_groups(groups, nproc)
   progress = Progress(out_dir, pid)
   done_before = progress.done()

@@ -69,9 +69,15 @@ def solve(W_primes, rank, *, solver: str = "spectral_detuning", steps: int = 300
     raise ValueError(f"unknown solver {solver!r}; known: {sorted(SOLVERS)}")
   grid_opts = _pop_grid_options(options)
   W, diag = SOLVERS[solver](W_primes, rank, steps=steps, seed=seed, **options)
-  if solver == "mean_lora":
+  if not takes_grid_step(solver):
     return W, diag
   return _dtype_aware(W_primes, W, diag, rank, grid_opts, seed)
+
+
+def takes_grid_step(solver: str) -> bool:
+  """Whether :func:`solve` follows ``solver`` with the dtype-aware grid step
+  on low-precision inputs: every solver but the ``mean_lora`` baseline."""
+  return solver != "mean_lora"
 
 
 # --- Few fine-tunes (issue 5): closed form, refinement, automatic choice. ---
