@@ -90,14 +90,13 @@ def grid_memory(n: int) -> dict:
   """XLA's memory analysis of the default grid step on one ``[n, dim,
   dim]`` bf16 layer, in units of a ``[dim, dim]`` float32 array."""
   d = FLAGS.dim
-  lowered = grid._refine.lower(
-      jax.ShapeDtypeStruct((n, d, d), jnp.bfloat16),
-      jax.ShapeDtypeStruct((d, d), jnp.float32), jax.random.key(0),
-      ranks=(FLAGS.rank,) * n, steps=registry.GRID_STEPS,
-      estimator="midrange", oversample=0, free_steps=100,
-      restarts=registry.GRID_RESTARTS, snap_from=grid.SNAP_FROM,
-      shrink=grid.SHRINK)
-  ma = lowered.compile().memory_analysis()
+  # grid_refine as the registry calls it, its other settings its defaults.
+  step = jax.jit(lambda Wp, W0: grid.grid_refine(
+      Wp, W0, FLAGS.rank, steps=registry.GRID_STEPS,
+      restarts=registry.GRID_RESTARTS))
+  ma = step.lower(jax.ShapeDtypeStruct((n, d, d), jnp.bfloat16),
+                  jax.ShapeDtypeStruct((d, d), jnp.float32)
+                  ).compile().memory_analysis()
   unit = 4 * d * d
   return dict(arguments=ma.argument_size_in_bytes / unit,
               temporaries=ma.temp_size_in_bytes / unit,
