@@ -687,9 +687,12 @@ def recover(config: RecoverConfig, *,
       when raised before the scan ends, which covers every check).
   """
   t_start = time.time()
-  out_dir = config.output_dir
-  if not out_dir:
+  if not config.output_dir:
     raise BadInputError("--output_dir", "is required")
+  # Absolute from here on: orbax refuses relative checkpoint paths.
+  config = dataclasses.replace(config,
+                               output_dir=os.path.abspath(config.output_dir))
+  out_dir = config.output_dir
   inputs = open_inputs(config)
   fp = run_fingerprint(config, inputs)
   done_report = check_output_dir(out_dir, fp)

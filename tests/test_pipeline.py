@@ -310,3 +310,12 @@ def test_iterative_solver_reports_its_steps_and_loss_curve(tiny_models,
     assert 0 < layer["steps"] <= STEPS
     assert len(layer["loss_curve"]) == layer["steps"]
     assert layer["loss_curve"][-1] < layer["loss_curve"][0]
+
+
+def test_relative_output_dir(tiny_models, tmp_path, monkeypatch):
+  models, _ = tiny_models
+  monkeypatch.chdir(tmp_path)
+  report = pipeline.recover(_config(models, "rel_out"), progress_bar=False)
+  assert report["complete"]
+  assert (tmp_path / "rel_out" / "model.safetensors").exists()
+  assert os.path.isdir(tmp_path / "rel_out" / "checkpoint" / "0")

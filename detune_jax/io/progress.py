@@ -79,7 +79,7 @@ class Progress:
     import orbax.checkpoint as ocp
     _quiet_orbax()
     self._ocp = ocp
-    self.out_dir = str(out_dir)
+    self.out_dir = os.path.abspath(str(out_dir))   # orbax wants absolute
     self.process_index = process_index
     self.ckpt_dir = os.path.join(self.out_dir, CHECKPOINT_DIR)
     self.parts_dir = os.path.join(self.out_dir, PARTS_DIR)
