@@ -319,3 +319,30 @@ def test_relative_output_dir(tiny_models, tmp_path, monkeypatch):
   assert report["complete"]
   assert (tmp_path / "rel_out" / "model.safetensors").exists()
   assert os.path.isdir(tmp_path / "rel_out" / "checkpoint" / "0")
+
+
+def test_other_model_files_are_a_different_run(tmp_path):
+  # Same names, sizes and headers, and the same bytes where the identity
+  # samples the data: only the files' paths tell the two sets apart.
+  import shutil
+  import struct
+  models, _ = make_tiny(tmp_path / "a", frozen={**TINY_FROZEN,
+                                                "big.weight": (512, 512)})
+  out = tmp_path / "out"
+  pipeline.recover(_config(models, out), progress_bar=False)
+  shutil.copytree(tmp_path / "a", tmp_path / "b")
+  others = [m.replace(str(tmp_path / "a"), str(tmp_path / "b"))
+            for m in models]
+  f = os.path.join(others[2], "model.safetensors")
+  size = os.path.getsize(f)
+  with open(f, "r+b") as fh:
+    start = 8 + struct.unpack("<Q", fh.read(8))[0]
+    at = start + ((size - start) * 17 // 32) // 4 * 4   # between two samples
+    fh.seek(at)
+    fh.write(struct.pack("<f", 0.5))
+  with pytest.raises(BadInputError, match="different run"):
+    pipeline.recover(_config(others, out), progress_bar=False)
+  # The same files named another way are the same run.
+  again = pipeline.recover(_config([m + "/" for m in models], out),
+                           progress_bar=False)
+  assert again["complete"]

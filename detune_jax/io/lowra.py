@@ -188,7 +188,8 @@ class LowraBench:
         for i in range(16):
           fh.seek(size * i // 16)
           h.update(fh.read(4096))
-      ident["files"][os.path.basename(f)] = {"size": size,
+      ident["files"][os.path.basename(f)] = {"path": os.path.realpath(f),
+                                             "size": size,
                                              "sample": h.hexdigest()}
     return ident
 

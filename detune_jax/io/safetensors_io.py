@@ -157,14 +157,16 @@ class SafetensorsFile:
     return memoryview(self._mmap[info.begin:info.begin + info.nbytes])
 
   def identity(self, samples: int = 16, block: int = 4096) -> dict:
-    """A cheap content identity: size, header hash and sampled data blocks."""
+    """A cheap identity: resolved path, size, header hash and sampled data
+    blocks (the samples alone miss most changes in a large file; the path
+    tells apart files of the same size and header elsewhere)."""
     h = hashlib.sha256()
     data = self.size - self.data_start
     with open(self.path, "rb") as f:
       for i in range(samples if data > 0 else 0):
         f.seek(self.data_start + (data * i) // samples)
         h.update(f.read(block))
-    return {"size": self.size,
+    return {"path": os.path.realpath(self.path), "size": self.size,
             "header": hashlib.sha256(self.header_bytes).hexdigest(),
             "sample": h.hexdigest()}
 
