@@ -65,7 +65,7 @@ _LORA_IDS = flags.DEFINE_list("lora_ids", [], "LoWRA Bench: LoRA indices to "
                               "use instead of the first n_loras.")
 _DEMO = flags.DEFINE_bool("demo", False, "Run the embedded example (also the "
                           "default when neither --models nor --lowra_bench "
-                          "is given).")
+                          "is given; an empty --models= is an error).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-"
                                    "process: host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Multi-process: "
@@ -112,7 +112,16 @@ def main(argv):
                          if flag.value is not None)
     if grid_options:
       options["solver_options"] = grid_options
-    if _DEMO.value or not (_MODELS.value or _LOWRA.value):
+    # Empty entries (a trailing comma) are dropped; a --models or
+    # --lowra_bench given with nothing in it is bad input, not the demo.
+    models = [m for m in _MODELS.value if m.strip()]
+    if _MODELS.present and not models:
+      raise BadInputError("--models", "is empty: give the fine-tuned models "
+                          "(files or directories), comma separated")
+    if _LOWRA.present and not (_LOWRA.value or "").strip():
+      raise BadInputError("--lowra_bench", "is empty: give the path of a "
+                          "local LoWRA Bench copy")
+    if _DEMO.value or not (_MODELS.present or _LOWRA.present):
       report = pipeline.demo(_OUTPUT_DIR.value, steps=_STEPS.value,
                              seed=_SEED.value, plots=_PLOTS.value,
                              max_memory_gb=_MAX_MEMORY_GB.value,
@@ -126,7 +135,7 @@ def main(argv):
     except ValueError:
       raise BadInputError("--lora_ids", f"not integers: {_LORA_IDS.value}")
     config = pipeline.RecoverConfig(
-        models=tuple(_MODELS.value), output_dir=_OUTPUT_DIR.value or "",
+        models=tuple(models), output_dir=_OUTPUT_DIR.value or "",
         ground_truth=_GROUND_TRUTH.value, lowra_bench=_LOWRA.value,
         subset=_SUBSET.value, n_loras=_N_LORAS.value, lora_ids=lora_ids,
         **options)

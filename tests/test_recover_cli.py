@@ -112,6 +112,9 @@ def bad_inputs(tmp_path_factory):
       "rank_too_large": [m0, m1],
       "different_run": [m0, m1],
       "lowra_too_few_loras": [],
+      "empty_models": [],              # --models= is not the demo
+      "comma_models": ["", ""],        # --models=,
+      "trailing_comma": [m0, ""],      # one model and an empty entry
   }
   out = {}
   for case, paths in cases.items():
@@ -136,6 +139,8 @@ EXPECT = {
     "pickle_dir": "pytorch_model.bin", "rank_too_large": "'enc.0.conv.weight'",
     "different_run": "different run",
     "lowra_too_few_loras": "'lora_5_rank' missing",
+    "empty_models": "--models: is empty", "comma_models": "--models: is empty",
+    "trailing_comma": "got 1",
 }
 
 
