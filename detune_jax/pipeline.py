@@ -70,7 +70,9 @@ from detune_jax.parallel import solve_layers
 from detune_jax.solvers import detection, grid, rank_estimation, registry
 from detune_jax.solvers.spectral_detuning import precompile
 
-FORMAT_VERSION = 1
+# 2: layer groups are split by dtype too (a checkpoint of format 1 may hold
+# groups that mix dtypes, so it is not resumed).
+FORMAT_VERSION = 2
 REPORT_FILE = "report.json"
 PLAN_FILE = "plan.json"
 KINDS = ("copy", "lora", "mean", "first")
@@ -147,7 +149,7 @@ class TensorPlan(NamedTuple):
 
 
 class Group(NamedTuple):
-  """A batch of same-shape, same-rank layers solved together."""
+  """A batch of same-shape, same-rank, same-dtype layers solved together."""
   index: int
   names: Tuple[str, ...]
   matrix_shape: Tuple[int, int]
@@ -456,24 +458,24 @@ def scan(inputs: Inputs, config: RecoverConfig) -> List[TensorPlan]:
 
 def make_groups(plans: Sequence[TensorPlan], n: int,
                 max_memory_gb: float, grid: bool = False) -> List[Group]:
-  """Batches the LoRA layers by (matrix shape, ranks) under the budget.
+  """Batches the LoRA layers by (matrix shape, ranks, dtype) under the budget.
 
   Layers keep their order in the model; a batch holds at least one layer.
-  With ``grid`` (the dtype-aware grid step on), bf16/fp16 layers are
-  budgeted for that step (:func:`layer_bytes`).
+  A batch holds one dtype: the dtype-aware grid step refines a batch on
+  its one release dtype, so a bf16 layer batched with a float32 one of the
+  same shape would lose it. With ``grid`` (the dtype-aware grid step on),
+  bf16/fp16 layers are budgeted for that step (:func:`layer_bytes`).
   """
   by_key: Dict[tuple, List[str]] = {}
-  low: Dict[tuple, bool] = {}
   for p in plans:
     if p.kind == "lora":
-      key = (matrix_shape(p.shape), p.ranks)
+      key = (matrix_shape(p.shape), p.ranks, p.dtype)
       by_key.setdefault(key, []).append(p.name)
-      low[key] = low.get(key, False) or p.dtype in ("BF16", "F16")
   groups = []
   budget = max_memory_gb * 2**30
-  for (mshape, ranks), names in by_key.items():
-    per = max(1, int(budget // layer_bytes(*mshape, n,
-                                           grid=grid and low[mshape, ranks])))
+  for (mshape, ranks, dtype), names in by_key.items():
+    low = dtype in ("BF16", "F16")
+    per = max(1, int(budget // layer_bytes(*mshape, n, grid=grid and low)))
     for s in range(0, len(names), per):
       groups.append(Group(len(groups), tuple(names[s:s + per]), mshape, ranks))
   return groups

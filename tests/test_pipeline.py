@@ -346,3 +346,20 @@ def test_other_model_files_are_a_different_run(tmp_path):
   again = pipeline.recover(_config([m + "/" for m in models], out),
                            progress_bar=False)
   assert again["complete"]
+
+
+def test_make_groups_never_mixes_dtypes():
+  # q is bf16, v float32, same shape and ranks: batched together, the bf16
+  # layer would lose the dtype-aware grid step (it needs one release dtype).
+  plans = [pipeline.TensorPlan(f"{i}.{w}", dt, (64, 64), "lora", (4, 4))
+           for i in range(3) for w, dt in (("q", "BF16"), ("v", "F32"))]
+  for grid in (False, True):
+    groups = pipeline.make_groups(plans, 2, 4.0, grid=grid)
+    assert [g.names for g in groups] == [("0.q", "1.q", "2.q"),
+                                         ("0.v", "1.v", "2.v")]
+  dtype = {p.name: p.dtype for p in plans}
+  small = pipeline.make_groups(
+      plans, 2, 2.5 * pipeline.layer_bytes(64, 64, 2, grid=True) / 2**30,
+      grid=True)
+  assert [len(g.names) for g in small] == [2, 1, 3]
+  assert all(len({dtype[n] for n in g.names}) == 1 for g in small)
