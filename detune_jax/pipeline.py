@@ -63,7 +63,8 @@ from detune_jax.io.errors import BadInputError
 from detune_jax.io.lowra import LowraBench
 from detune_jax.io.models import (ModelFiles, check_same_tensors,
                                   output_layout, write_index)
-from detune_jax.io.progress import (RUN_FILE, Progress, fingerprint, read_json,
+from detune_jax.io.progress import (CHECKPOINT_DIR, PARTS_DIR, RUN_FILE,
+                                    Progress, fingerprint, read_json,
                                     write_json_atomic)
 from detune_jax.io.safetensors_io import DTYPES, FLOAT_DTYPES, SafetensorsWriter
 from detune_jax.parallel import solve_layers
@@ -301,20 +302,27 @@ def check_output_dir(out_dir: str, fp: str) -> Optional[dict]:
     return None
   if not os.path.isdir(out_dir):
     raise BadInputError(out_dir, "output path exists and is not a directory")
-  run = read_json(os.path.join(out_dir, RUN_FILE))
-  if run is not None:
+  run_path = os.path.join(out_dir, RUN_FILE)
+  if os.path.exists(run_path):
+    run = read_json(run_path)
+    if not isinstance(run, dict):
+      raise BadInputError(run_path, "not the run file of a recovery (not a "
+                          "JSON object); use a new --output_dir")
     if run.get("fingerprint") != fp:
       raise BadInputError(out_dir, "output directory holds a different run "
                           "(other inputs or flags); use a new --output_dir")
   else:
+    # Without run.json nothing here is this run's: refuse every name a run
+    # writes rather than overwrite it.
     for f in (REPORT_FILE, "model.safetensors", "model.safetensors.index.json",
-              "checkpoint"):
-      if os.path.exists(os.path.join(out_dir, f)):
+              CHECKPOINT_DIR, PLAN_FILE, PARTS_DIR):
+      if os.path.lexists(os.path.join(out_dir, f)):
         raise BadInputError(out_dir, f"output directory holds {f} of another "
                             "run; use a new --output_dir")
     return None
   report = read_json(os.path.join(out_dir, REPORT_FILE))
-  if (report and report.get("fingerprint") == fp and report.get("complete")
+  if (isinstance(report, dict) and report.get("fingerprint") == fp
+      and report.get("complete")
       and all(os.path.exists(os.path.join(out_dir, f))
               for f in report.get("output_files", []))):
     return report
@@ -705,7 +713,7 @@ def recover(config: RecoverConfig, *,
       _make_plots(done_report, out_dir)
     return done_report
   plan_json = read_json(os.path.join(out_dir, PLAN_FILE))
-  cached = plan_json is not None and plan_json.get("fingerprint") == fp
+  cached = isinstance(plan_json, dict) and plan_json.get("fingerprint") == fp
   if _all_true(cached):
     plans = _plans_from_json(plan_json["tensors"])
   else:
@@ -761,7 +769,8 @@ def recover(config: RecoverConfig, *,
     # Wait for process 0 to assemble the model from everyone's groups.
     while True:
       rep = read_json(report_path)
-      if rep and rep.get("fingerprint") == fp and rep.get("complete"):
+      if (isinstance(rep, dict) and rep.get("fingerprint") == fp
+          and rep.get("complete")):
         progress.close()
         return rep
       time.sleep(0.2)

@@ -363,3 +363,20 @@ def test_make_groups_never_mixes_dtypes():
       grid=True)
   assert [len(g.names) for g in small] == [2, 1, 3]
   assert all(len({dtype[n] for n in g.names}) == 1 for g in small)
+
+
+@pytest.mark.parametrize("what", ["plan.json", "parts", "run.json"])
+def test_files_a_run_did_not_write_are_refused(tiny_models, tmp_path, what):
+  models, _ = tiny_models
+  out = tmp_path / "out"
+  out.mkdir()
+  if what == "parts":
+    (out / "parts").mkdir()
+  else:   # the user's own plan.json, or a run.json that is not an object
+    (out / what).write_text("[1, 2]\n")
+  before = sorted(os.listdir(out))
+  with pytest.raises(BadInputError, match="another run|not the run file"):
+    pipeline.recover(_config(models, out), progress_bar=False)
+  assert sorted(os.listdir(out)) == before
+  if what != "parts":
+    assert (out / what).read_text() == "[1, 2]\n"
