@@ -14,16 +14,26 @@ Usage:
   python -m experiments.audit --base=BASE_DIR --models=A,B,C,D \
       --out=/tmp/audit [--threshold=-10] [--rank=16] [--subsets=1]
 
-Writes ``audit.json`` (per n, per layer and per solver), ``audit.png`` and
-prints a table. Inputs are read as stored (a bf16 release is solved as bf16,
-with the dtype-aware refinement).
+Writes ``audit.json`` (per n, per layer and per solver; strict JSON, a
+non-finite figure is ``null``), ``audit.png`` and prints a table. Inputs are
+read as stored (a bf16 release is solved as bf16, with the dtype-aware
+refinement), with the reader and checks of ``experiments.recover``: HF
+directories (sharded ones too) or single ``.safetensors`` files; the LoRA
+layers are the float tensors of 2+ axes that differ among the models (conv
+kernels and 3-D tensors are solved as ``[d, prod(rest)]`` matrices). Bad
+input (fewer than 2 models, missing, pickle, truncated or corrupt files,
+mismatched names, shapes or dtypes, non-finite values, a rank too large for a
+layer, ``--out`` an existing file) ends with exit status 2 and one line
+``error: FILE: tensor 'NAME': what is wrong``.
 """
 
 from __future__ import annotations
 
-import json
+import logging as py_logging
+import math
 import os
 import random
+import sys
 import time
 
 from absl import app, flags
@@ -31,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import detune_jax as dj
+from detune_jax.io.errors import BadInputError
+from detune_jax.io.progress import write_json_atomic
 from detune_jax.solvers import registry
 from experiments import stacks
 
@@ -91,14 +103,19 @@ def audit(base: str, models, *, rank: int = 16, steps: int = 300,
     ``threshold``, ``per_n`` (a list of ``{n, subset, overall, per_layer,
     per_solver, best_solver, seconds}``), ``leak_n`` (smallest n at or below
     the threshold, or None) and ``layer_leak_n``.
+
+  Raises:
+    BadInputError: bad settings or input files (see the module docstring).
   """
-  models = list(models)
-  if len(models) < 2:
-    raise ValueError("the audit needs at least 2 models")
-  names = stacks.finetuned_names(models)
-  if not names:
-    raise ValueError("the models do not differ: no fine-tuned layers")
-  groups = stacks.real_stacks(base, models, names, dtype="stored")
+  models = [str(m) for m in models]
+  unknown = [s for s in solvers if s not in registry.SOLVERS]
+  if unknown or not solvers:
+    raise BadInputError("--solvers", f"unknown solver(s) {unknown}; known: "
+                        f"{sorted(registry.SOLVERS)}")
+  for flag, value in (("--steps", steps), ("--subsets", subsets)):
+    if value < 1:
+      raise BadInputError(flag, f"must be >= 1, got {value}")
+  groups = stacks.real_stacks(base, models, dtype="stored", rank=rank)
   layer_names = [nm for g in groups.values() for nm in g[0]]
   W_true = {}
   lora_ft = []
@@ -127,6 +144,9 @@ def audit(base: str, models, *, rank: int = 16, steps: int = 300,
             break
           e_l = dj.layer_w_errors(Wr, jnp.asarray(W, jnp.float32))
           errs[solver].update(zip(group, [float(x) for x in e_l]))
+      if not errs:
+        log(f"n={n} subset={list(subset)}: no solver applies")
+        continue
       per_layer = {nm: min(errs[s][nm] for s in errs) for nm in layer_names}
       best = {nm: min(errs, key=lambda s, nm=nm: errs[s][nm])
               for nm in layer_names}
@@ -167,6 +187,28 @@ def table(result) -> str:
   return "\n".join(lines)
 
 
+def _strict(obj):
+  """``obj`` with every non-finite float replaced by None (strict JSON)."""
+  if isinstance(obj, dict):
+    return {k: _strict(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_strict(v) for v in obj]
+  if isinstance(obj, (float, np.floating)):
+    return float(obj) if math.isfinite(obj) else None
+  if isinstance(obj, np.integer):
+    return int(obj)
+  return obj
+
+
+def write_json(result, out_dir: str) -> str:
+  """Writes ``out_dir/audit.json`` (strict JSON: a non-finite figure is
+  ``null``) atomically; returns its path."""
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, "audit.json")
+  write_json_atomic(path, _strict(result))
+  return path
+
+
 def plot(result, path: str):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -193,12 +235,25 @@ def plot(result, path: str):
 
 
 def main(argv):
-  del argv
-  if not FLAGS.base or not FLAGS.models:
-    raise app.UsageError("--base and --models are required")
-  result = audit(FLAGS.base, FLAGS.models, rank=FLAGS.rank, steps=FLAGS.steps,
-                 subsets=FLAGS.subsets, solvers=FLAGS.solvers,
-                 threshold=FLAGS.threshold, seed=FLAGS.seed)
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # JAX logs its backend search at INFO; bad input must stay one line.
+  py_logging.getLogger("jax").setLevel(py_logging.WARNING)
+  try:
+    if not FLAGS.base:
+      raise BadInputError("--base", "is required")
+    if FLAGS.out and os.path.exists(FLAGS.out) and not os.path.isdir(
+        FLAGS.out):
+      raise BadInputError(FLAGS.out, "output path exists and is not a "
+                          "directory")
+    result = audit(FLAGS.base, FLAGS.models or [], rank=FLAGS.rank,
+                   steps=FLAGS.steps, subsets=FLAGS.subsets,
+                   solvers=FLAGS.solvers, threshold=FLAGS.threshold,
+                   seed=FLAGS.seed)
+  except BadInputError as e:
+    sys.stderr.write(f"error: {e}\n")
+    sys.stderr.flush()
+    sys.exit(2)
   print(table(result))
   leak = result["leak_n"]
   print(f"released models' own W-Error (LoRA-FT): {result['lora_ft']:.2f}; "
@@ -206,10 +261,13 @@ def main(argv):
   print("the base leaks from n = " + str(leak) if leak else
         f"the base does not leak with up to {len(FLAGS.models)} models")
   if FLAGS.out:
-    os.makedirs(FLAGS.out, exist_ok=True)
-    with open(os.path.join(FLAGS.out, "audit.json"), "w") as f:
-      json.dump(result, f, indent=1)
-    plot(result, os.path.join(FLAGS.out, "audit.png"))
+    try:
+      write_json(result, FLAGS.out)
+      plot(result, os.path.join(FLAGS.out, "audit.png"))
+    except OSError as e:
+      sys.stderr.write(f"error: {FLAGS.out}: cannot write the results "
+                       f"({e.strerror or e})\n")
+      sys.exit(2)
     print(f"wrote {FLAGS.out}/audit.json and audit.png")
 
 

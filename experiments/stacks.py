@@ -1,20 +1,24 @@
 """Layer stacks for the few-fine-tunes experiments (frontier, audit).
 
 Synthetic LoRA stacks (Gaussian, or with factors that share directions) and
-real ones read from HF model directories (``model.safetensors``, read with
-safetensors only: nothing is unpickled).
+real ones read from models on disk with the reader and checks of
+``experiments.recover`` (:class:`detune_jax.io.ModelFiles`: single files or
+HF directories, sharded ones too; pickle checkpoints are refused by name and
+never unpickled; bad input raises :class:`detune_jax.io.BadInputError`).
 """
 
 from __future__ import annotations
 
-import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+
+from detune_jax import pipeline
+from detune_jax.io.errors import BadInputError
+from detune_jax.io.models import ModelFiles
 
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
              "float16": np.float16}
@@ -68,41 +72,99 @@ def release(W, W_primes, dtype: str):
   return W_low, W_primes_low
 
 
-def _model_file(path: str) -> str:
-  if os.path.isdir(path):
-    path = os.path.join(path, "model.safetensors")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"no model.safetensors at {path}")
-  return path
+class RealModels(NamedTuple):
+  """Fine-tuned models opened and checked as ``experiments.recover`` does.
+
+  Attributes:
+    models: the fine-tunes (:class:`detune_jax.io.ModelFiles`).
+    base: the base model, or None.
+    names: the LoRA layers: float tensors of 2+ axes that differ among the
+      models, in file order (conv kernels ``[o, i, kh, kw]`` and 3-D tensors
+      included; they are solved as :func:`matrix_shape` matrices).
+  """
+  models: List[ModelFiles]
+  base: Optional[ModelFiles]
+  names: List[str]
+
+
+def matrix_shape(shape: Sequence[int]) -> Tuple[int, int]:
+  """The matrix a tensor is solved as (recover's rule): ``[d, prod(rest)]``."""
+  return pipeline.matrix_shape(shape)
+
+
+def open_models(models: Sequence[str], base: Optional[str] = None,
+                rank: int = 1) -> RealModels:
+  """Opens the models with recover's reader and checks, finds the LoRA layers.
+
+  Uses :func:`detune_jax.pipeline.open_inputs` and
+  :func:`detune_jax.pipeline.scan` with ``base`` as the ground truth, so
+  that what recover refuses is refused here with the same one-line
+  :class:`BadInputError`: fewer than 2 models, missing paths, pickle
+  checkpoints (refused by name, never unpickled), truncated or corrupt
+  files, tensor names / shapes / dtypes that differ among the models,
+  non-finite values in a fine-tuned tensor, a fine-tuned tensor missing
+  from the base or shaped differently there, and ``rank`` too large for a
+  layer. Sharded HF directories (with an index json) are read like single
+  files. Also refused: non-finite values in the base's fine-tuned tensors,
+  and models with no LoRA layer at all.
+
+  Args:
+    models: paths of the fine-tunes (HF directories or .safetensors files).
+    base: path of the base model, or None.
+    rank: the LoRA rank that will be assumed for every layer.
+
+  Returns:
+    A :class:`RealModels`.
+
+  Raises:
+    BadInputError: see above.
+  """
+  config = pipeline.RecoverConfig(models=tuple(str(m) for m in models),
+                                  ground_truth=None if base is None
+                                  else str(base), rank=str(int(rank)))
+  inputs = pipeline.open_inputs(config)
+  plans = pipeline.scan(inputs, config)
+  names = [p.name for p in plans if p.kind == "lora"]
+  if not names:
+    raise BadInputError(inputs.models[0].path, f"no fine-tuned layer: no "
+                        f"float tensor of 2+ axes differs among the "
+                        f"{len(inputs.models)} models")
+  gt = inputs.ground_truth
+  if gt is not None:
+    for name in names:
+      if not np.isfinite(np.asarray(gt.read(name), np.float32)).all():
+        raise BadInputError(gt.file_of(name), "non-finite values (nan or "
+                            "inf) in the base", tensor=name)
+  return RealModels(list(inputs.models), gt, names)
 
 
 def load_tensors(path: str, names: Optional[Sequence[str]] = None):
-  """``{name: np.ndarray}`` from a safetensors model (dir or file)."""
+  """``{name: np.ndarray}`` from a safetensors model (dir, sharded dir or
+  file; pickle checkpoints are refused, :class:`BadInputError`)."""
+  model = ModelFiles(path)
+  have = set(model.names)
   out = {}
-  with safe_open(_model_file(path), "np") as f:
-    for name in (names if names is not None else f.keys()):
-      out[name] = f.get_tensor(name)
+  for name in (names if names is not None else model.names):
+    if name not in have:
+      raise BadInputError(model.path, "tensor missing", tensor=name)
+    out[name] = np.array(model.read(name))
   return out
 
 
 def finetuned_names(paths: Sequence[str]) -> List[str]:
-  """2-D tensors that are not bit-identical in all the given models."""
-  files = [safe_open(_model_file(p), "np") for p in paths]
-  names = []
-  for name in files[0].keys():
-    if len(files[0].get_slice(name).get_shape()) != 2:
-      continue
-    first = files[0].get_tensor(name)
-    if any(not np.array_equal(first.view(np.uint8), f.get_tensor(name).view(
-        np.uint8)) for f in files[1:]):
-      names.append(name)
-  return names
+  """The LoRA layers of the models (see :func:`open_models`)."""
+  return open_models(paths).names
 
 
 def real_stacks(base: str, models: Sequence[str],
                 names: Optional[Sequence[str]] = None,
-                dtype: str = "float32"):
-  """Fine-tuned layers of real models, grouped by shape.
+                dtype: str = "float32", rank: int = 1):
+  """Fine-tuned layers of real models, grouped by matrix shape.
+
+  The models and the base are opened and checked by :func:`open_models`
+  (bad input raises :class:`BadInputError` naming the file and tensor).
+  Tensors of more than 2 axes are reshaped to ``[d, prod(rest)]`` matrices,
+  as recover solves them.
 
   Args:
     base: the ground-truth base model.
@@ -110,27 +172,36 @@ def real_stacks(base: str, models: Sequence[str],
     names: tensors to use (default: those that differ among ``models``).
     dtype: ``"stored"`` (the files' dtype), ``"float32"``, or a release
       dtype (``"bfloat16"``: base and fine-tunes rounded as a bf16 release).
+    rank: the LoRA rank that will be assumed (a layer too small for it is
+      bad input).
 
   Returns:
-    ``{shape: (names, W_true [L, d, k], W_primes [L, n, d, k])}``.
+    ``{(d, k): (names, W_true [L, d, k], W_primes [L, n, d, k])}``.
   """
+  opened = open_models(models, base, rank)
   if names is None:
-    names = finetuned_names(list(models))
-  true = load_tensors(base, names)
-  fts = [load_tensors(m, names) for m in models]
+    names = opened.names
+  fts, true_model = opened.models, opened.base
+  for m in [true_model] + fts:
+    have = set(m.names)
+    for name in names:
+      if name not in have:
+        raise BadInputError(m.path, "tensor missing", tensor=name)
   groups: Dict[Tuple[int, int], list] = {}
   for name in names:
-    groups.setdefault(tuple(true[name].shape), []).append(name)
+    groups.setdefault(matrix_shape(fts[0].info(name).shape), []).append(name)
+
+  def read(model, name, shape):
+    return np.array(model.read(name)).reshape(shape)
+
   out = {}
   for shape, group in groups.items():
+    true = [read(true_model, nm, shape) for nm in group]
+    ft = [np.stack([read(m, nm, shape) for m in fts]) for nm in group]
     if dtype == "stored":  # as the files hold them (e.g. a bf16 release)
-      out[shape] = (group, np.stack([true[nm] for nm in group]),
-                    np.stack([np.stack([ft[nm] for ft in fts])
-                              for nm in group]))
+      out[shape] = (group, np.stack(true), np.stack(ft))
       continue
-    W = np.stack([true[nm].astype(np.float32) for nm in group])
-    Wp = np.stack([np.stack([ft[nm].astype(np.float32) for ft in fts])
-                   for nm in group])
-    W, Wp = zip(*[release(W[l], Wp[l], dtype) for l in range(len(group))])
+    W, Wp = zip(*[release(t.astype(np.float32), p.astype(np.float32), dtype)
+                  for t, p in zip(true, ft)])
     out[shape] = (group, np.stack(W), np.stack(Wp))
   return out

@@ -2,14 +2,19 @@
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 
+import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from detune_jax.io import BadInputError, ModelFiles, write_model
 from experiments import audit, frontier, stacks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_models(tmp_path, n=4, dtype="float32"):
@@ -103,3 +108,213 @@ def test_frontier_minilm_needs_the_builder():
   with pytest.raises(FileNotFoundError, match="build_minilm_finetunes"):
     frontier.scenario_stack("minilm", 3, dim=8, rank=2, layers=1, shared=0.0,
                             minilm_dir="/nonexistent")
+
+
+# ---------------------------------------------------- odd shapes, bad input
+
+class _Evil:
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.mkdir, (self.marker,))
+
+
+def _lora(rng, W, r=3):
+  """``W + B A`` with ``B A`` of rank ``r`` on ``W``'s matrix view
+  ``[out, prod(rest)]`` (how recover solves conv and 3-D tensors)."""
+  d = W.shape[0]
+  k = W.size // d
+  B = rng.normal(size=(d, r)) * 0.02
+  A = rng.normal(size=(r, k)) * 0.02
+  return (W.reshape(d, k) + B @ A).reshape(W.shape).astype(np.float32)
+
+
+def make_odd_models(root, n=3, shards=1):
+  """A base and ``n`` fine-tunes with a 2-D, a conv ``[o, i, kh, kw]`` and a
+  3-D LoRA'd tensor, plus an untouched bias; ``shards`` > 1 writes sharded
+  HF directories with an index."""
+  rng = np.random.default_rng(0)
+  W = {"a.weight": rng.normal(size=(40, 32)) * 0.02,
+       "conv.weight": rng.normal(size=(16, 4, 3, 3)) * 0.02,
+       "t.weight": rng.normal(size=(12, 5, 4)) * 0.02}
+  W = {k: v.astype(np.float32) for k, v in W.items()}
+  bias = rng.normal(size=(32,)).astype(np.float32)
+  write_model(os.path.join(root, "base"), {**W, "bias": bias}, shards=shards)
+  paths = []
+  for i in range(n):
+    t = {k: _lora(rng, v) for k, v in W.items()}
+    t["bias"] = bias
+    paths.append(os.path.join(root, f"ft{i}"))
+    write_model(paths[-1], t, shards=shards)
+  return os.path.join(root, "base"), paths
+
+
+def _quiet_audit(base, models, **kw):
+  kw = dict(dict(rank=3, threshold=-12.0, solvers=("mean_lora", "closed_form"),
+                 log=lambda *_: None), **kw)
+  return audit.audit(base, models, **kw)
+
+
+def test_audit_conv_and_3d_layers_are_audited_as_matrices(tmp_path):
+  base, models = make_odd_models(str(tmp_path))
+  res = _quiet_audit(base, models)
+  assert sorted(res["layers"]) == ["a.weight", "conv.weight", "t.weight"]
+  by_n = {r["n"]: r for r in res["per_n"]}
+  for nm in res["layers"]:  # solved as [16, 36] and [12, 20]: exact at n = 3
+    assert by_n[3]["per_layer"][nm] <= -12.0, nm
+  assert res["leak_n"] == 3
+
+
+def test_audit_reads_sharded_models(tmp_path):
+  base, models = make_odd_models(str(tmp_path), shards=2)
+  assert os.path.exists(os.path.join(models[0],
+                                     "model.safetensors.index.json"))
+  res = _quiet_audit(base, models)
+  assert sorted(res["layers"]) == ["a.weight", "conv.weight", "t.weight"]
+  assert res["leak_n"] == 3
+
+
+@pytest.fixture(scope="module")
+def audit_bad_inputs(tmp_path_factory):
+  """``{case: (base, models, expected text)}``: inputs the audit refuses."""
+  root = tmp_path_factory.mktemp("audit_bad")
+  base, (m0, m1, m2) = make_odd_models(str(root / "m"))
+
+  def variant(name, edit, src=m2):
+    d = root / name
+    mf = ModelFiles(src)
+    t = {k: np.array(mf.read(k)) for k in mf.names}
+    edit(t)
+    write_model(d, t)
+    return str(d)
+
+  def set_nan(t):
+    t["a.weight"][3, 4] = np.nan
+
+  def set_inf(t):
+    t["conv.weight"][0, 0, 1, 1] = np.inf
+
+  def drop(t):
+    del t["conv.weight"]
+
+  def reshape(t):
+    t["a.weight"] = t["a.weight"].reshape(32, 40)
+
+  def to_bf16(t):
+    t["a.weight"] = t["a.weight"].astype(ml_dtypes.bfloat16)
+
+  def truncate(d):
+    f = os.path.join(d, "model.safetensors")
+    with open(f, "rb") as fh:
+      raw = fh.read()
+    with open(f, "wb") as fh:
+      fh.write(raw[:-100])
+    return d
+
+  marker = str(root / "unpickled")
+  with open(root / "model.bin", "wb") as f:
+    f.write(pickle.dumps(_Evil(marker)))
+  (root / "hf_pickle").mkdir()
+  with open(root / "hf_pickle" / "pytorch_model.bin", "wb") as f:
+    f.write(pickle.dumps(_Evil(marker)))
+  (root / "empty").mkdir()
+  (root / "empty" / "model.safetensors").write_bytes(b"")
+  trunc = truncate(variant("trunc", lambda t: None))
+  cases = {
+      "one_model": (base, [m0], "at least 2"),
+      "nonexistent": (base, [m0, str(root / "nope")], "nope: no such file"),
+      "pickle_file": (base, [m0, str(root / "model.bin")], "model.bin"),
+      "pickle_dir": (base, [m0, str(root / "hf_pickle")],
+                     "pytorch_model.bin"),
+      "missing_tensor": (base, [m0, m1, variant("drop", drop)],
+                         "drop: tensor 'conv.weight': tensor missing"),
+      "shape_mismatch": (base, [m0, m1, variant("reshape", reshape)],
+                         "reshape/model.safetensors: tensor 'a.weight': "
+                         "shape"),
+      "dtype_mismatch": (base, [m0, m1, variant("bf16", to_bf16)],
+                         "bf16/model.safetensors: tensor 'a.weight': dtype"),
+      "nan": (base, [m0, m1, variant("nan", set_nan)],
+              "nan/model.safetensors: tensor 'a.weight': non-finite"),
+      "inf": (base, [m0, m1, variant("inf", set_inf)],
+              "inf/model.safetensors: tensor 'conv.weight': non-finite"),
+      "nan_base": (variant("nan_base", set_nan, src=base), [m0, m1, m2],
+                   "nan_base/model.safetensors: tensor 'a.weight': "
+                   "non-finite"),
+      "base_shape": (variant("base_shape", reshape, src=base), [m0, m1, m2],
+                     "base_shape/model.safetensors: tensor 'a.weight'"),
+      "base_missing": (variant("base_drop", drop, src=base), [m0, m1, m2],
+                       "tensor 'conv.weight'"),
+      "truncated": (base, [m0, m1, trunc], "trunc/model.safetensors"),
+      "empty": (base, [m0, m1, str(root / "empty")],
+                "empty/model.safetensors"),
+      "identical": (base, [m0, m0], "no fine-tuned layer"),
+      "rank_too_large": (base, [m0, m1, m2], "'t.weight': --rank 13 is too "
+                         "large"),
+  }
+  return cases, marker
+
+
+def test_audit_bad_input_names_file_and_tensor(audit_bad_inputs):
+  cases, marker = audit_bad_inputs
+  for case, (base, models, want) in cases.items():
+    rank = 13 if case == "rank_too_large" else 3
+    with pytest.raises(BadInputError) as e:
+      _quiet_audit(base, models, rank=rank)
+    assert want in str(e.value), (case, str(e.value))
+    assert "\n" not in str(e.value), case
+  assert not os.path.exists(marker)   # the pickles were never loaded
+
+
+def _run_audit(*flags):
+  env = dict(os.environ)
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  return subprocess.Popen([sys.executable, "-m", "experiments.audit", *flags],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, cwd=ROOT, env=env)
+
+
+def test_audit_binary_bad_input_exits_2_with_one_line(audit_bad_inputs,
+                                                      tmp_path):
+  cases, marker = audit_bad_inputs
+  a_file = tmp_path / "a_file"
+  a_file.write_text("mine")
+  runs = {c: cases[c][:2] for c in ("nan", "pickle_dir", "dtype_mismatch",
+                                    "one_model")}
+  runs["out_is_a_file"] = cases["identical"][0], cases["nan_base"][1]
+  want = {c: cases[c][2] for c in runs if c in cases}
+  want["out_is_a_file"] = "a_file: "
+  procs = {}
+  for case, (base, models) in runs.items():
+    out = a_file if case == "out_is_a_file" else tmp_path / f"out_{case}"
+    procs[case] = _run_audit(f"--base={base}", f"--models={','.join(models)}",
+                             f"--out={out}", "--rank=3", "--steps=5",
+                             "--solvers=mean_lora")
+  for case, proc in procs.items():
+    stdout, stderr = proc.communicate(timeout=300)
+    lines = stderr.strip().splitlines()
+    assert proc.returncode == 2, (case, stderr[-2000:])
+    assert len(lines) == 1 and "Traceback" not in stderr, (case, stderr)
+    assert lines[0].startswith("error: ") and want[case] in lines[0], (
+        case, lines[0])
+    assert not os.path.exists(tmp_path / f"out_{case}"), case
+  assert a_file.read_text() == "mine"
+  assert not os.path.exists(marker)
+
+
+def test_audit_json_is_strict(tmp_path):
+  base, models = make_odd_models(str(tmp_path))
+  res = _quiet_audit(base, models)
+  res["per_n"][0]["per_layer"]["a.weight"] = float("nan")
+  res["per_n"][0]["overall"] = float("-inf")
+  path = audit.write_json(res, str(tmp_path / "out"))
+
+  def refuse(token):
+    raise ValueError(f"not strict JSON: {token}")
+
+  with open(path) as f:
+    got = json.load(f, parse_constant=refuse)
+  assert got["per_n"][0]["per_layer"]["a.weight"] is None
+  assert got["per_n"][0]["overall"] is None
+  assert got["layers"] == res["layers"]
