@@ -51,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import tempfile
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -287,6 +288,32 @@ def run_fingerprint(config: RecoverConfig, inputs: Inputs) -> str:
       "dtype_aware": config.dtype_aware, "max_memory_gb": config.max_memory_gb,
       "ambiguous_rank": str(config.ambiguous_rank),
       "max_rank": config.max_rank})
+
+
+def check_writable(out_dir: str):
+  """Checks, writing nothing that stays, that ``out_dir`` can be created (or,
+  when it exists, written): a directory is made and removed in it or in its
+  nearest existing ancestor.
+
+  Raises:
+    BadInputError: an ancestor is a file, or the place is not writable.
+  """
+  existing = out_dir
+  while not os.path.lexists(existing):
+    parent = os.path.dirname(existing)
+    if parent == existing:
+      break
+    existing = parent
+  if not os.path.isdir(existing):
+    what = ("output path exists and is not a directory" if existing == out_dir
+            else f"cannot create the output directory: {existing} is not a "
+            "directory")
+    raise BadInputError(out_dir, what)
+  try:
+    os.rmdir(tempfile.mkdtemp(prefix=".detune_write_test_", dir=existing))
+  except OSError as e:
+    raise BadInputError(out_dir, f"cannot write the output directory "
+                        f"({e.strerror or e} in {existing})")
 
 
 def check_output_dir(out_dir: str, fp: str) -> Optional[dict]:
@@ -703,6 +730,7 @@ def recover(config: RecoverConfig, *,
   config = dataclasses.replace(config,
                                output_dir=os.path.abspath(config.output_dir))
   out_dir = config.output_dir
+  check_writable(out_dir)   # before the (long) scan
   inputs = open_inputs(config)
   fp = run_fingerprint(config, inputs)
   done_report = check_output_dir(out_dir, fp)
@@ -724,7 +752,11 @@ def recover(config: RecoverConfig, *,
                len(plans), counts["lora"], counts["mean"],
                counts["copy"] + counts["first"])
   # Every check has passed: from here on the output directory is written.
-  os.makedirs(out_dir, exist_ok=True)
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError as e:
+    raise BadInputError(out_dir, f"cannot create the output directory "
+                        f"({e.strerror or e})")
   if pid == 0:
     write_json_atomic(os.path.join(out_dir, RUN_FILE),
                       {"fingerprint": fp, "format": FORMAT_VERSION,
@@ -864,7 +896,6 @@ def demo(output_dir: Optional[str] = None, *, work_dir: Optional[str] = None,
   Returns:
     The report, with ``w_error`` and ``mean_lora_w_error``.
   """
-  import tempfile
   from detune_jax.io.synthetic import make_lora_models
   work_dir = work_dir or tempfile.mkdtemp(prefix="detune_demo_")
   models, base = make_lora_models(os.path.join(work_dir, "models"),

@@ -380,3 +380,21 @@ def test_files_a_run_did_not_write_are_refused(tiny_models, tmp_path, what):
   assert sorted(os.listdir(out)) == before
   if what != "parts":
     assert (out / what).read_text() == "[1, 2]\n"
+
+
+def test_unwritable_output_dir_is_refused_before_the_scan(tiny_models,
+                                                          tmp_path,
+                                                          monkeypatch):
+  models, _ = tiny_models
+
+  def no_scan(*args, **kwargs):
+    raise AssertionError("scanned before checking the output directory")
+
+  monkeypatch.setattr(pipeline, "scan", no_scan)
+  under_file = os.path.join(models[0], "model.safetensors", "sub")
+  with pytest.raises(BadInputError, match="is not a directory"):
+    pipeline.recover(_config(models, under_file), progress_bar=False)
+  if os.path.isdir("/proc/self"):   # Linux: nothing can be created in /proc
+    with pytest.raises(BadInputError, match="cannot write"):
+      pipeline.recover(_config(models, "/proc/detune_out"),
+                       progress_bar=False)

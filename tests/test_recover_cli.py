@@ -115,10 +115,13 @@ def bad_inputs(tmp_path_factory):
       "empty_models": [],              # --models= is not the demo
       "comma_models": ["", ""],        # --models=,
       "trailing_comma": [m0, ""],      # one model and an empty entry
+      "output_under_a_file": [m0, m1],
   }
   out = {}
   for case, paths in cases.items():
     out_dir = other if case == "different_run" else root / f"out_{case}"
+    if case == "output_under_a_file":
+      out_dir = root / "model.bin" / "out"
     flags = [f"--models={','.join(paths)}", f"--output_dir={out_dir}",
              f"--steps={STEPS}"]
     if case == "rank_too_large":
@@ -141,6 +144,7 @@ EXPECT = {
     "lowra_too_few_loras": "'lora_5_rank' missing",
     "empty_models": "--models: is empty", "comma_models": "--models: is empty",
     "trailing_comma": "got 1",
+    "output_under_a_file": "model.bin is not a directory",
 }
 
 
