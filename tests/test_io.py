@@ -293,3 +293,62 @@ def test_docstring_examples(name):
   import importlib
   result = doctest.testmod(importlib.import_module(name))
   assert result.attempted > 0 and result.failed == 0
+
+
+def _raw_file(path, header, data=b"\0" * 64):
+  raw = json.dumps(header).encode()
+  with open(path, "wb") as f:
+    f.write(len(raw).to_bytes(8, "little") + raw + data)
+  return str(path)
+
+
+def _t(b, e, shape=None, dtype="F32"):
+  return {"dtype": dtype, "shape": [(e - b) // 4] if shape is None else shape,
+          "data_offsets": [b, e]}
+
+
+@pytest.mark.parametrize("case,header,expect", [
+    ("meta_list", {"__metadata__": ["a"], "a": _t(0, 8)}, "__metadata__"),
+    ("meta_str", {"__metadata__": "pt", "a": _t(0, 8)}, "__metadata__"),
+    ("meta_int", {"__metadata__": {"format": 1}, "a": _t(0, 8)},
+     "__metadata__"),
+    ("overlap", {"a": _t(0, 16), "b": _t(8, 24)}, "overlaps tensor 'a'"),
+    ("same", {"a": _t(0, 16), "b": _t(0, 16)}, "overlaps tensor"),
+    ("gap", {"a": _t(0, 8), "b": _t(16, 24)}, "gap of 8 bytes"),
+    ("late_start", {"a": _t(8, 16)}, "gap of 8 bytes"),
+    ("shape_str", {"a": _t(0, 4, shape="1")}, "shape '1'"),
+    ("shape_float", {"a": _t(0, 8, shape=[2.0])}, "not a list of ints"),
+    ("offsets_bad", {"a": {"dtype": "F32", "shape": [2],
+                           "data_offsets": [0, 4, 8]}}, "two ints"),
+    ("dtype_list", {"a": _t(0, 8, dtype=["F32"])}, "unsupported dtype"),
+    ("entry_list", {"a": [1, 2]}, "not an object"),
+])
+def test_malformed_headers_are_bad_input(tmp_path, case, header, expect):
+  path = _raw_file(tmp_path / f"{case}.safetensors", header)
+  with pytest.raises(BadInputError, match=expect) as e:
+    SafetensorsFile(path)
+  assert path in str(e.value)
+  if "__metadata__" not in header:
+    assert e.value.tensor in header
+
+
+def test_contiguous_headers_with_empty_tensors_are_read(tmp_path):
+  path = _raw_file(tmp_path / "ok.safetensors", {
+      "__metadata__": None, "b": _t(8, 16), "z": _t(8, 8, shape=[0]),
+      "a": _t(0, 8)}, data=np.arange(4, dtype=np.float32).tobytes())
+  f = SafetensorsFile(path)
+  assert f.names == ["a", "b", "z"] and f.metadata == {}
+  np.testing.assert_array_equal(f.read("b"), [2, 3])
+
+
+def test_index_weight_map_values_must_be_file_names(tmp_path):
+  write_model(tmp_path / "m", {f"t{i}": np.ones((2, 2), np.float32)
+                               for i in range(2)}, shards=2)
+  index = tmp_path / "m" / "model.safetensors.index.json"
+  good = json.loads(index.read_text())
+  for bad in (1, None, ["model-00001-of-00002.safetensors"]):
+    broken = dict(good, weight_map=dict(good["weight_map"], t1=bad))
+    index.write_text(json.dumps(broken))
+    with pytest.raises(BadInputError, match="not a file name") as e:
+      ModelFiles(tmp_path / "m")
+    assert str(index) in str(e.value) and e.value.tensor == "t1"

@@ -107,6 +107,10 @@ class ModelFiles:
     self._weight_map = weight_map
     files = []
     for name, shard in weight_map.items():
+      if not isinstance(shard, str) or not shard:
+        raise BadInputError(index_path, f"corrupt index file: weight_map "
+                            f"value {shard!r} is not a file name",
+                            tensor=name)
       if shard not in files:
         full = os.path.join(os.path.dirname(index_path), shard)
         if shard.lower().endswith(PICKLE_SUFFIXES):

@@ -100,25 +100,47 @@ class SafetensorsFile:
         raise ValueError("header is not a JSON object")
     except (UnicodeDecodeError, ValueError) as e:
       raise BadInputError(self.path, f"corrupt safetensors header ({e})")
-    meta = header.pop("__metadata__", None) or {}
-    self.metadata: Dict[str, str] = {str(k): str(v) for k, v in meta.items()}
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+      meta = {}
+    if not (isinstance(meta, dict) and
+            all(isinstance(v, str) for v in meta.values())):
+      raise BadInputError(self.path, "corrupt safetensors header: "
+                          "__metadata__ must map strings to strings")
+    self.metadata: Dict[str, str] = dict(meta)
     self.tensors: Dict[str, TensorInfo] = {}
     for name, entry in header.items():
       self.tensors[name] = self._entry(name, entry)
     # Names in data order (the layout of the file).
     self.names: List[str] = sorted(self.tensors,
                                    key=lambda k: self.tensors[k].begin)
+    self._check_offsets()
     self._mmap = None
 
   def _entry(self, name, entry) -> TensorInfo:
-    try:
-      dtype = entry["dtype"]
-      shape = tuple(int(s) for s in entry["shape"])
-      b, e = (int(x) for x in entry["data_offsets"])
-    except (KeyError, TypeError, ValueError) as err:
-      raise BadInputError(self.path, f"corrupt header entry ({err!r})",
+    def ints(x, n=None):
+      return (isinstance(x, list) and (n is None or len(x) == n) and
+              all(isinstance(v, int) and not isinstance(v, bool) for v in x))
+
+    if not isinstance(entry, dict):
+      raise BadInputError(self.path, "corrupt header entry (not an object)",
                           tensor=name)
-    if dtype not in DTYPES:
+    for key in ("dtype", "shape", "data_offsets"):
+      if key not in entry:
+        raise BadInputError(self.path, f"corrupt header entry ({key} "
+                            "missing)", tensor=name)
+    dtype = entry["dtype"]
+    if not ints(entry["shape"]):
+      raise BadInputError(self.path, f"corrupt header entry (shape "
+                          f"{entry['shape']!r} is not a list of ints)",
+                          tensor=name)
+    if not ints(entry["data_offsets"], 2):
+      raise BadInputError(self.path, f"corrupt header entry (data_offsets "
+                          f"{entry['data_offsets']!r} are not two ints)",
+                          tensor=name)
+    shape = tuple(entry["shape"])
+    b, e = entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
       raise BadInputError(self.path, f"unsupported dtype {dtype!r}",
                           tensor=name)
     if any(s < 0 for s in shape) or b < 0 or e < b:
@@ -135,6 +157,22 @@ class SafetensorsFile:
                           f"{self.size}", tensor=name)
     return TensorInfo(name, dtype, shape, self.path, self.data_start + b,
                       e - b)
+
+  def _check_offsets(self):
+    """Tensors must tile the data from its start, without overlap or gap
+    (as the safetensors library checks: "invalid offset")."""
+    pos, prev = 0, None
+    for name in sorted(self.names, key=lambda k: (self.tensors[k].begin,
+                                                  self.tensors[k].nbytes)):
+      info = self.tensors[name]
+      b = info.begin - self.data_start
+      if b != pos:
+        what = (f"overlaps tensor {prev!r}" if b < pos else
+                f"leaves a gap of {b - pos} bytes after "
+                f"{repr(prev) if prev else 'the header'}")
+        raise BadInputError(self.path, f"corrupt header: data_offsets "
+                            f"[{b}, {b + info.nbytes}] {what}", tensor=name)
+      pos, prev = b + info.nbytes, name
 
   def read(self, name: str) -> np.ndarray:
     """A read-only memory-mapped view of tensor ``name`` (no copy)."""
