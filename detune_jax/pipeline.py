@@ -384,6 +384,9 @@ def _scan_tensor(name, inputs: Inputs, rank, policy, config) -> Tuple[
       raise BadInputError(gt.file_of(name), f"ground-truth shape "
                           f"{list(gt.info(name).shape)} != {list(info.shape)}",
                           tensor=name)
+    if not np.isfinite(np.asarray(gt.read(name), np.float32)).all():
+      raise BadInputError(gt.file_of(name), "non-finite values (nan or inf) "
+                          "in the ground truth", tensor=name)
   if len(info.shape) < 2:
     return TensorPlan(name, info.dtype, info.shape, "mean"), None
   d, k = matrix_shape(info.shape)

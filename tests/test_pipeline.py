@@ -398,3 +398,18 @@ def test_unwritable_output_dir_is_refused_before_the_scan(tiny_models,
     with pytest.raises(BadInputError, match="cannot write"):
       pipeline.recover(_config(models, "/proc/detune_out"),
                        progress_bar=False)
+
+
+def test_non_finite_ground_truth_is_bad_input(tiny_models, tmp_path):
+  models, base = tiny_models
+  mf = ModelFiles(base)
+  t = {k: np.array(mf.read(k)) for k in mf.names}
+  t["enc.1.q.weight"][0, 0] = np.inf
+  write_model(tmp_path / "gt", t)
+  with pytest.raises(BadInputError, match="non-finite") as e:
+    pipeline.recover(_config(models, tmp_path / "out",
+                             ground_truth=str(tmp_path / "gt")),
+                     progress_bar=False)
+  assert e.value.tensor == "enc.1.q.weight"
+  assert e.value.file == str(tmp_path / "gt" / "model.safetensors")
+  assert not os.path.exists(tmp_path / "out")
