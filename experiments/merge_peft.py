@@ -5,7 +5,9 @@ r"""Merges a PEFT LoRA adapter into its base model (to build test sets).
 
 BASE is a safetensors file or HF directory; ADAPTER_DIR holds
 adapter_config.json and adapter_model.safetensors. The output is shaped like
-the base (sharded when it is). Bad input exits with status 2 and one line.
+the base (sharded when it is). Nothing is overwritten: an OUTPUT_DIR that is
+the base's own directory, an existing file, or a directory already holding
+model files is bad input. Bad input exits with status 2 and one line.
 """
 
 import logging as py_logging

@@ -9,7 +9,8 @@ optional ``rank_pattern`` / ``alpha_pattern``, ``use_rslora``,
 The merged weight is ``W + scale * B @ A`` with ``scale = alpha / r``
 (``alpha / sqrt(r)`` with rsLoRA), computed in float32 and cast back to the
 base dtype. Tensors saved whole (``modules_to_save``) replace the base ones.
-DoRA adapters are refused.
+DoRA adapters are refused. :func:`merge_adapter` never overwrites files
+and never leaves a half-written output.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ import json
 import math
 import os
 import re
+import shutil
+import tempfile
 from typing import Dict, List, Tuple
 
 import numpy as np
 
 from detune_jax.io.errors import BadInputError
-from detune_jax.io.models import (ModelFiles, output_layout, write_index)
+from detune_jax.io.models import (INDEX_SUFFIX, ModelFiles, output_layout,
+                                  write_index)
 from detune_jax.io.safetensors_io import (DTYPES, SafetensorsFile,
                                           SafetensorsWriter)
 
@@ -130,22 +134,115 @@ def adapter_deltas(adapter_dir, base: ModelFiles) -> Dict[str, np.ndarray]:
   return out
 
 
+def _first_missing_dir(path: str):
+  """The outermost ancestor of ``path`` (or ``path``) that does not exist."""
+  missing = None
+  while not os.path.exists(path):
+    missing, parent = path, os.path.dirname(path)
+    if parent == path:
+      break
+    path = parent
+  return missing
+
+
+def check_output_dir(out_dir, base: ModelFiles) -> None:
+  """Refuses an output directory that merging could overwrite.
+
+  Raises:
+    BadInputError: ``out_dir`` is an existing file, the base model's own
+      directory, or a directory that already holds model files
+      (``*.safetensors`` or ``*.safetensors.index.json``).
+  """
+  out = str(out_dir)
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise BadInputError(out, "output path exists and is not a directory")
+  base_dir = base.path if os.path.isdir(base.path) else os.path.dirname(
+      os.path.abspath(base.path))
+  if os.path.realpath(out) == os.path.realpath(base_dir):
+    raise BadInputError(out, "is the base model's own directory; merging "
+                        "never overwrites files: give a new --output_dir")
+  if os.path.isdir(out):
+    held = sorted(f for f in os.listdir(out) if f.endswith(".safetensors")
+                  or f.endswith(INDEX_SUFFIX))
+    if held:
+      raise BadInputError(out, f"output directory already holds model files "
+                          f"({', '.join(held[:3])}); merging never "
+                          f"overwrites files: give a new --output_dir")
+
+
 def merge_adapter(base_path, adapter_dir, out_dir) -> List[str]:
   """Writes ``base + adapter`` as a model directory shaped like the base.
+
+  Nothing is ever overwritten, and nothing is left half-written: the files
+  are written into a temporary directory, then moved into ``out_dir``
+  (renamed to it when it is new) once all are complete.
 
   Args:
     base_path: base model (file or HF directory).
     adapter_dir: PEFT adapter directory.
-    out_dir: output directory (created); sharded like the base.
+    out_dir: output directory (created); sharded like the base. It may exist
+      (e.g. holding a config) but must hold no model files, and must not be
+      the base's own directory.
 
   Returns:
     The names of the base tensors the adapter changed.
+
+  Raises:
+    BadInputError: bad base or adapter, an output directory that merging
+      would overwrite (see :func:`check_output_dir`), or one that cannot be
+      written.
   """
   base = ModelFiles(base_path)
+  check_output_dir(out_dir, base)
   deltas = adapter_deltas(adapter_dir, base)
   layout, sharded = output_layout(base)
-  os.makedirs(out_dir, exist_ok=True)
   specs = {n: (base.info(n).dtype, base.info(n).shape) for n in base.names}
+  out = os.path.abspath(str(out_dir))
+  exists = os.path.isdir(out)
+  created = None if exists else _first_missing_dir(out)
+  tmp = None
+  try:
+    if exists:  # write beside the user's files, then move in
+      tmp = tempfile.mkdtemp(prefix=".merge_peft.tmp-", dir=out)
+    else:  # write a sibling directory, then rename it to out_dir
+      os.makedirs(os.path.dirname(out), exist_ok=True)
+      tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-",
+                             dir=os.path.dirname(out))
+    _write_merged(tmp, base, deltas, layout, specs, adapter_dir)
+    files = [fname for fname, _ in layout]
+    if sharded:
+      write_index(tmp, layout, specs, base.index_metadata)
+      files.append("model" + INDEX_SUFFIX)  # moved last
+    if exists:
+      for f in files:
+        if os.path.exists(os.path.join(out, f)):
+          raise BadInputError(os.path.join(out, f), "appeared while merging; "
+                              "not overwritten")
+      for f in files:
+        os.replace(os.path.join(tmp, f), os.path.join(out, f))
+      os.rmdir(tmp)
+    else:
+      os.rename(tmp, out)
+  except BaseException as e:
+    if tmp is not None:
+      shutil.rmtree(tmp, ignore_errors=True)
+    if created is not None and created != out:  # parents made here, if empty
+      d = os.path.dirname(out)
+      while d != os.path.dirname(created):
+        try:
+          os.rmdir(d)
+        except OSError:
+          break
+        d = os.path.dirname(d)
+    if isinstance(e, OSError):
+      raise BadInputError(out_dir, f"cannot write the merged model "
+                          f"({e.strerror or e})") from e
+    raise
+  return sorted(deltas)
+
+
+def _write_merged(out_dir, base, deltas, layout, specs, adapter_dir):
+  """Writes the shards of ``base + deltas`` into ``out_dir``."""
   for fname, names in layout:
     w = SafetensorsWriter(os.path.join(out_dir, fname),
                           [(n,) + specs[n] for n in names], base.metadata)
@@ -168,6 +265,3 @@ def merge_adapter(base_path, adapter_dir, out_dir) -> List[str]:
       w.abort()
       raise
     w.commit()
-  if sharded:
-    write_index(out_dir, layout, specs, base.index_metadata)
-  return sorted(deltas)
