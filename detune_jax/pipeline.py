@@ -16,8 +16,10 @@ Steps:
    dims is a LoRA layer (conv kernels ``[o, i, kh, kw]`` are solved as
    ``[o, i*kh*kw]``); its values must be finite, and with ``rank="auto"`` its
    per-LoRA ranks are estimated (:func:`detune_jax.estimate_rank_details`).
-   A differing 1-D tensor (bias, norm) cannot be a LoRA update: it is
-   written as the mean of the models and listed under ``averaged``. A
+   A differing tensor with fewer than 2 axes once leading size-1 axes are
+   dropped (bias, norm, a ViT ``cls_token`` ``[1, 1, d]``) cannot be a LoRA
+   update: it is written as the mean of the models and listed under
+   ``averaged``. A
    differing non-float tensor is copied from the first model (``first``).
 3. Group LoRA layers by (matrix shape, ranks) and cut the groups into batches
    that fit ``max_memory_gb``; each batch is solved at once (vmapped, sharded
@@ -165,6 +167,19 @@ def matrix_shape(shape: Sequence[int]) -> Tuple[int, int]:
   (320, 5760)
   """
   return int(shape[0]), int(math.prod(shape[1:]))
+
+
+def _matrix_axes(shape: Sequence[int]) -> int:
+  """Axes of ``shape`` once its leading size-1 axes are dropped: a tensor
+  with fewer than 2 (``[d]``, ``[1, 1, d]``) cannot hold a LoRA update.
+
+  >>> _matrix_axes((1, 1, 768)), _matrix_axes((1, 197, 768))
+  (1, 2)
+  """
+  shape = list(shape)
+  while shape and shape[0] == 1:
+    shape.pop(0)
+  return len(shape)
 
 
 def layer_bytes(d: int, k: int, n: int, grid: bool = False) -> int:
@@ -387,7 +402,7 @@ def _scan_tensor(name, inputs: Inputs, rank, policy, config) -> Tuple[
     if not np.isfinite(np.asarray(gt.read(name), np.float32)).all():
       raise BadInputError(gt.file_of(name), "non-finite values (nan or inf) "
                           "in the ground truth", tensor=name)
-  if len(info.shape) < 2:
+  if _matrix_axes(info.shape) < 2:   # a bias, a norm, a [1, 1, d] token
     return TensorPlan(name, info.dtype, info.shape, "mean"), None
   d, k = matrix_shape(info.shape)
   n = len(models)

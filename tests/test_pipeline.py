@@ -413,3 +413,20 @@ def test_non_finite_ground_truth_is_bad_input(tiny_models, tmp_path):
   assert e.value.tensor == "enc.1.q.weight"
   assert e.value.file == str(tmp_path / "gt" / "model.safetensors")
   assert not os.path.exists(tmp_path / "out")
+
+
+def test_differing_tokens_of_shape_1_1_d_are_averaged(tmp_path):
+  # A ViT cls_token [1, 1, d] is a vector, not a rank-1 LoRA matrix.
+  models, base = make_tiny(tmp_path / "m", frozen={**TINY_FROZEN,
+                                                   "cls_token": (1, 1, 24)})
+  rng = np.random.default_rng(0)
+  for m in models:
+    mf = ModelFiles(m)
+    t = {k: np.array(mf.read(k)) for k in mf.names}
+    t["cls_token"] = t["cls_token"] + rng.normal(size=(1, 1, 24)).astype(
+        np.float32) * 1e-3
+    write_model(m, t)
+  report = pipeline.recover(_config(models, tmp_path / "out"),
+                            progress_bar=False)
+  assert [a["name"] for a in report["averaged"]] == ["cls_token"]
+  assert report["n_solved"] == len(TINY_LAYERS)
