@@ -352,3 +352,21 @@ def test_index_weight_map_values_must_be_file_names(tmp_path):
     with pytest.raises(BadInputError, match="not a file name") as e:
       ModelFiles(tmp_path / "m")
     assert str(index) in str(e.value) and e.value.tensor == "t1"
+
+
+def test_peft_adapters_are_not_models(tmp_path):
+  save_file({"base_model.model.q.lora_A.weight": np.ones((2, 6), np.float32)},
+            tmp_path / "adapter_model.safetensors")
+  adapter = tmp_path / "adapter"
+  adapter.mkdir()
+  os.link(tmp_path / "adapter_model.safetensors",
+          adapter / "adapter_model.safetensors")
+  config_only = tmp_path / "config_only"   # beside a model file
+  write_model(config_only, {"w": np.ones((2, 2), np.float32)})
+  (config_only / "adapter_config.json").write_text('{"r": 2}')
+  for path in (adapter, config_only, tmp_path / "adapter_model.safetensors"):
+    with pytest.raises(BadInputError, match="is a PEFT adapter, not a merged "
+                       "model: merge it with python -m experiments.merge_peft"
+                       ) as e:
+      ModelFiles(path)
+    assert e.value.file == str(path)

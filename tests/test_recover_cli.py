@@ -96,6 +96,10 @@ def bad_inputs(tmp_path_factory):
   (root / "lowra" / "vit").mkdir(parents=True)
   write_lowra_parquet(root / "lowra/vit/train-00000.parquet",
                       {"q.weight": (8, 6, 2)}, n_loras=5)
+  (root / "peft").mkdir()
+  shutil.copy(os.path.join(m1, "model.safetensors"),
+              root / "peft" / "adapter_model.safetensors")
+  (root / "peft" / "adapter_config.json").write_text('{"r": 2}')
   other = root / "other_run"
   other.mkdir()
   (other / "run.json").write_text(json.dumps({"fingerprint": "0" * 64}))
@@ -116,6 +120,7 @@ def bad_inputs(tmp_path_factory):
       "comma_models": ["", ""],        # --models=,
       "trailing_comma": [m0, ""],      # one model and an empty entry
       "output_under_a_file": [m0, m1],
+      "peft_adapter": [m0, m1, str(root / "peft")],
   }
   out = {}
   for case, paths in cases.items():
@@ -145,6 +150,7 @@ EXPECT = {
     "empty_models": "--models: is empty", "comma_models": "--models: is empty",
     "trailing_comma": "got 1",
     "output_under_a_file": "model.bin is not a directory",
+    "peft_adapter": "peft: is a PEFT adapter, not a merged model",
 }
 
 

@@ -3,7 +3,8 @@
 
 Tensors are never loaded eagerly: :meth:`ModelFiles.read` returns a
 memory-mapped view. Pickle checkpoints (``.bin``, ``.pt``, ...) are refused by
-name and never opened.
+name and never opened; so are PEFT adapters (``adapter_config.json``,
+``adapter_model.safetensors``), which are not merged models.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ from detune_jax.io.safetensors_io import (DTYPES, SafetensorsFile,
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_SUFFIX = ".safetensors.index.json"
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _refuse_peft(path):
+  raise BadInputError(path, "is a PEFT adapter, not a merged model: merge it "
+                      "with python -m experiments.merge_peft first")
 
 
 def _refuse_pickle(path):
@@ -46,8 +53,12 @@ class ModelFiles:
     if not os.path.exists(self.path):
       raise BadInputError(self.path, "no such file or directory")
     if os.path.isdir(self.path):
+      if any(os.path.exists(os.path.join(self.path, f)) for f in PEFT_FILES):
+        _refuse_peft(self.path)
       files = self._dir_files()
     else:
+      if os.path.basename(self.path) in PEFT_FILES:
+        _refuse_peft(self.path)
       if self.path.lower().endswith(PICKLE_SUFFIXES):
         _refuse_pickle(self.path)
       if not self.path.endswith(".safetensors"):
