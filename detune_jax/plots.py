@@ -37,7 +37,11 @@ def plot_loss_curves(report: dict, path: str) -> str:
                  float)
     y = np.where(y > 0, y, np.nan)
     if np.isfinite(y).any():
-      ax.plot(np.arange(1, len(y) + 1), y, lw=0.8, alpha=0.6)
+      # A single point (the closed-form solvers take one step) is no line:
+      # draw it as a marker or it does not show.
+      single = np.isfinite(y).sum() == 1
+      ax.plot(np.arange(1, len(y) + 1), y, lw=0.8, alpha=0.6,
+              marker="o" if single else None, ms=4)
   ax.set_yscale("log")
   ax.set_xlabel("step")
   ax.set_ylabel("loss (Eq. 3)")

@@ -430,3 +430,14 @@ def test_differing_tokens_of_shape_1_1_d_are_averaged(tmp_path):
                             progress_bar=False)
   assert [a["name"] for a in report["averaged"]] == ["cls_token"]
   assert report["n_solved"] == len(TINY_LAYERS)
+
+
+def test_single_point_loss_curves_are_drawn(tmp_path):
+  import matplotlib.image
+  from detune_jax import plots
+  report = {"n_models": 3, "layers": [
+      {"loss_curve": [10.0 ** -i]} for i in range(3)]}
+  path = plots.plot_loss_curves(report, str(tmp_path / "loss.png"))
+  rgb = matplotlib.image.imread(path)[..., :3]
+  colored = (rgb.max(-1) - rgb.min(-1)) > 0.2   # axes and text are grey
+  assert colored.sum() > 20
