@@ -102,11 +102,11 @@ def open_models(models: Sequence[str], base: Optional[str] = None,
   :class:`BadInputError`: fewer than 2 models, missing paths, pickle
   checkpoints (refused by name, never unpickled), truncated or corrupt
   files, tensor names / shapes / dtypes that differ among the models,
-  non-finite values in a fine-tuned tensor, a fine-tuned tensor missing
-  from the base or shaped differently there, and ``rank`` too large for a
-  layer. Sharded HF directories (with an index json) are read like single
-  files. Also refused: non-finite values in the base's fine-tuned tensors,
-  and models with no LoRA layer at all.
+  non-finite values in a fine-tuned tensor (of the models or the base), a
+  fine-tuned tensor missing from the base or shaped differently there, and
+  ``rank`` too large for a layer. Sharded HF directories (with an index
+  json) are read like single files. Also refused here: models with no LoRA
+  layer at all.
 
   Args:
     models: paths of the fine-tunes (HF directories or .safetensors files).
@@ -129,13 +129,7 @@ def open_models(models: Sequence[str], base: Optional[str] = None,
     raise BadInputError(inputs.models[0].path, f"no fine-tuned layer: no "
                         f"float tensor of 2+ axes differs among the "
                         f"{len(inputs.models)} models")
-  gt = inputs.ground_truth
-  if gt is not None:
-    for name in names:
-      if not np.isfinite(np.asarray(gt.read(name), np.float32)).all():
-        raise BadInputError(gt.file_of(name), "non-finite values (nan or "
-                            "inf) in the base", tensor=name)
-  return RealModels(list(inputs.models), gt, names)
+  return RealModels(list(inputs.models), inputs.ground_truth, names)
 
 
 def load_tensors(path: str, names: Optional[Sequence[str]] = None):
