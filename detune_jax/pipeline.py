@@ -769,6 +769,10 @@ def recover(config: RecoverConfig, *,
   logging.info("%d tensors: %d fine-tuned LoRA layers, %d averaged, %d copied",
                len(plans), counts["lora"], counts["mean"],
                counts["copy"] + counts["first"])
+  if not counts["lora"] and not counts["mean"] and pid == 0:
+    logging.warning("no float tensor differs between the %d models: the "
+                    "output is a copy of %s", len(inputs.models),
+                    inputs.models[0].path)
   # Every check has passed: from here on the output directory is written.
   try:
     os.makedirs(out_dir, exist_ok=True)
@@ -835,6 +839,10 @@ def recover(config: RecoverConfig, *,
   report["solve_seconds"] = solve_seconds
   write_json_atomic(report_path, report)
   progress.close()
+  try:   # only multi-process runs use parts/; leave no empty folder behind
+    os.rmdir(os.path.join(out_dir, PARTS_DIR))
+  except OSError:
+    pass
   if config.plots:
     _make_plots(report, out_dir)
   return report

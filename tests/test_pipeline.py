@@ -441,3 +441,19 @@ def test_single_point_loss_curves_are_drawn(tmp_path):
   rgb = matplotlib.image.imread(path)[..., :3]
   colored = (rgb.max(-1) - rgb.min(-1)) > 0.2   # axes and text are grey
   assert colored.sum() > 20
+
+
+def test_finished_run_leaves_no_empty_parts_folder(recovered):
+  _, _, out, _ = recovered
+  assert not os.path.exists(out / "parts")
+  assert {"checkpoint", "model.safetensors", "report.json"} <= set(
+      os.listdir(out))
+
+
+def test_identical_models_warn_that_nothing_differs(tiny_models, tmp_path,
+                                                    caplog):
+  models, _ = tiny_models
+  report = pipeline.recover(_config([models[0]] * 3, tmp_path / "out"),
+                            progress_bar=False)
+  assert report["n_solved"] == 0 and report["n_averaged"] == 0
+  assert "no float tensor differs between the 3 models" in caplog.text

@@ -99,6 +99,8 @@ class Progress:
 
   def _parts(self) -> Dict[int, str]:
     out = {}
+    if not os.path.isdir(self.parts_dir):   # removed once a run finished
+      return out
     for f in os.listdir(self.parts_dir):
       m = _PART.match(f)
       if m:
