@@ -839,10 +839,11 @@ def recover(config: RecoverConfig, *,
   report["solve_seconds"] = solve_seconds
   write_json_atomic(report_path, report)
   progress.close()
-  try:   # only multi-process runs use parts/; leave no empty folder behind
-    os.rmdir(os.path.join(out_dir, PARTS_DIR))
-  except OSError:
-    pass
+  if nproc == 1:   # parts/ is for multi-process runs: no empty folder here
+    try:
+      os.rmdir(os.path.join(out_dir, PARTS_DIR))
+    except OSError:
+      pass
   if config.plots:
     _make_plots(report, out_dir)
   return report
