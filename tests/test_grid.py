@@ -142,6 +142,54 @@ def test_grid_step_settings_gain_and_are_checked(option, off, on, gain, bad):
       dj.grid_refine(W_primes, W_primes[0], 4, **{option: value})
 
 
+# Re-reading the entries in doubt (redecode_steps=300) on 128x128 r=2
+# stacks, n=3, from the closed form with one restart: bit-exact 98.57% ->
+# 98.97% (seed 0) and 98.66% -> 98.93% (seed 1); kept on both. The threshold
+# is under half the mean gain.
+REDECODE_GAIN = 0.0015
+
+
+def test_redecode_rereads_the_entries_in_doubt_at_low_rank():
+  gains, batch = [], []
+  for seed in (0, 1):
+    W, W_primes = bf16_stack(seed, 128, 128, n=3, rank=2)
+    W_cf, _ = dj.subspace_intersection_detuning(W_primes, 2)
+    off, d_off = dj.grid_refine(W_primes, W_cf, 2, restarts=1)
+    on, d_on = dj.grid_refine(W_primes, W_cf, 2, restarts=1,
+                              redecode_steps=300)
+    assert bool(d_on.redecoded) and not bool(d_off.redecoded)
+    # On the grid still.
+    np.testing.assert_array_equal(
+        np.asarray(on.astype(jnp.bfloat16).astype(jnp.float32)),
+        np.asarray(on))
+    gains.append(float(dj.bit_exact_fraction(on, W))
+                 - float(dj.bit_exact_fraction(off, W)))
+    batch.append((W_primes, W_cf, on))
+  assert np.mean(gains) >= REDECODE_GAIN, gains
+  # Batched, each layer decides alone and gets what it gets alone.
+  W_b, d_b = dj.grid_refine(jnp.stack([b[0] for b in batch]),
+                            jnp.stack([b[1] for b in batch]), 2, restarts=1,
+                            redecode_steps=300)
+  assert d_b.redecoded.shape == (2,)
+  for layer, (_, _, on) in enumerate(batch):
+    np.testing.assert_array_equal(np.asarray(W_b[layer]), np.asarray(on))
+  for bad in (dict(redecode_steps=-1), dict(check_steps=0)):
+    with pytest.raises(ValueError, match="redecode_steps"):
+      dj.grid_refine(batch[0][0], batch[0][1], 2, **bad)
+
+
+def test_redecode_keeps_the_base_the_releases_are_more_consistent_with():
+  # With many update parameters per weight (64x48, r=8) the re-read base is
+  # no more consistent with the releases (and no better: 86.8% bit-exact
+  # either way), so the grid step's own is kept, bit for bit.
+  _, W_primes = bf16_stack(0, 64, 48, n=3, rank=8)
+  W_cf, _ = dj.subspace_intersection_detuning(W_primes, 8)
+  off, _ = dj.grid_refine(W_primes, W_cf, 8, restarts=1)
+  on, diag = dj.grid_refine(W_primes, W_cf, 8, restarts=1, redecode_steps=300)
+  assert not bool(diag.redecoded)
+  np.testing.assert_array_equal(np.asarray(on), np.asarray(off))
+
+
 def test_grid_refine_batched_under_vmap():
   pairs = [bf16_stack(s, 48, 40, n=3, rank=3) for s in range(2)]
   W = jnp.stack([p[0] for p in pairs])
@@ -176,12 +224,14 @@ def test_registry_is_dtype_aware_by_default_and_can_be_turned_off():
 def test_registry_passes_the_grid_step_settings():
   _, W_primes = bf16_stack(1, 64, 48, n=3, rank=4)
   cf, _ = registry.solve(W_primes, 4, solver="closed_form", dtype_aware=False)
-  for settings in ({}, dict(snap_from=0.5, shrink=0.0)):
+  for settings in ({}, dict(snap_from=0.5, shrink=0.0),
+                   dict(redecode_steps=0)):
     got, _ = registry.solve(
         W_primes, 4, solver="closed_form",
         **{"grid_" + k: v for k, v in settings.items()})
-    want, _ = dj.grid_refine(W_primes, cf, 4, restarts=registry.GRID_RESTARTS,
-                             **settings)
+    want, _ = dj.grid_refine(
+        W_primes, cf, 4, restarts=registry.GRID_RESTARTS,
+        **{"redecode_steps": registry.GRID_REDECODE_STEPS, **settings})
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
