@@ -188,12 +188,13 @@ def layer_bytes(d: int, k: int, n: int, grid: bool = False) -> int:
 
   With ``grid`` (a bf16/fp16 layer that runs the dtype-aware grid step),
   that step's, which needs more than the solver before it: XLA plans about
-  ``6n`` ``[d, k]`` float32 arrays of temporaries for it beside its
-  arguments, and the float32 stack is held too (``python -m
-  experiments.bench_closed_form --dtype=bfloat16`` prints the step's
-  memory analysis and this budget; docs/results.md).
+  ``9.5n`` ``[d, k]`` float32 arrays of temporaries for it (with the
+  re-reading of the entries in doubt) beside its arguments, and the float32
+  stack is held too (``python -m experiments.bench_closed_form
+  --dtype=bfloat16`` prints the step's memory analysis and this budget;
+  docs/results.md).
   """
-  return 4 * d * k * ((8 * n + 2) if grid else (3 * n + 6))
+  return 4 * d * k * ((11 * n + 2) if grid else (3 * n + 6))
 
 
 def initialize_distributed(coordinator_address: str, num_processes: int,

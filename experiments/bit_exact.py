@@ -7,10 +7,11 @@ bit-exactly and the W-Error by:
 * ``closed_form`` rounded to the grid (no dtype-aware step);
 * ``auto``, the default (closed form, then :func:`detune_jax.grid_refine`
   with ``registry.GRID_RESTARTS`` restarts); ``--grid_restarts=0,1`` adds a
-  row per other number of restarts (``auto+r0``), ``--grid_snap_from`` and
-  ``--grid_shrink`` rows for other settings of the grid step's annealing
-  and narrowed box (``auto+snap0.5+shrink0`` is the sixth session's grid
-  step);
+  row per other number of restarts (``auto+r0``), ``--grid_snap_from``,
+  ``--grid_shrink`` and ``--grid_redecode_steps`` rows for other settings
+  of the grid step's annealing, narrowed box and re-reading of the entries
+  in doubt (``auto+snap0.5+shrink0+redecode0`` is the sixth session's grid
+  step, ``auto+redecode0`` the fifteenth's);
 * ``oracle``: ``grid_refine`` started from the true base (one round, no
   restart). It measures how
   much this estimator keeps when its start is right: what is lost from
@@ -94,6 +95,11 @@ def define_flags():
   flags.DEFINE_list("grid_shrink", [str(grid.SHRINK)],
                     "grid_refine's shrink for the auto rows (0: the full box), "
                     "as --grid_snap_from; rows e.g. 'auto+shrink0'.")
+  flags.DEFINE_list("grid_redecode_steps", [str(registry.GRID_REDECODE_STEPS)],
+                    "grid_refine's redecode_steps for the auto rows (0: no "
+                    "re-reading of the entries in doubt, the grid step before "
+                    "the sixteenth session), as --grid_snap_from; rows e.g. "
+                    "'auto+redecode0'.")
   flags.DEFINE_string("minilm_dir", os.path.join("~", ".cache", "detune_jax",
                                                  "minilm_finetunes"),
                       "Cache of the MiniLM fine-tunes.")
@@ -141,7 +147,8 @@ def _stack(n: int):
       layers=FLAGS.layers, shared=0.0, minilm_dir=FLAGS.minilm_dir)
 
 
-def _auto_name(restarts: int, snap_from: float, shrink: float) -> str:
+def _auto_name(restarts: int, snap_from: float, shrink: float,
+               redecode: int = registry.GRID_REDECODE_STEPS) -> str:
   """'auto', with a suffix for each grid setting off the default."""
   name = "auto"
   if restarts != registry.GRID_RESTARTS:
@@ -150,6 +157,8 @@ def _auto_name(restarts: int, snap_from: float, shrink: float) -> str:
     name += f"+snap{snap_from:g}"
   if shrink != grid.SHRINK:
     name += f"+shrink{shrink:g}"
+  if redecode != registry.GRID_REDECODE_STEPS:
+    name += f"+redecode{redecode}"
   return name
 
 
@@ -379,16 +388,19 @@ def main(argv: Sequence[str]) -> None:
     raw, _ = registry.solve(Wp, FLAGS.rank, solver="closed_form",
                             dtype_aware=False)
     autos = []
-    for r, sf, sh in itertools.product(
-        (int(x) for x in FLAGS.grid_restarts),
-        (float(x) for x in FLAGS.grid_snap_from),
-        (float(x) for x in FLAGS.grid_shrink)):
+    for r, sf, sh, rd in itertools.product(
+        [int(x) for x in FLAGS.grid_restarts],
+        [float(x) for x in FLAGS.grid_snap_from],
+        [float(x) for x in FLAGS.grid_shrink],
+        [int(x) for x in FLAGS.grid_redecode_steps]):
       start = time.perf_counter()
       W_a, _ = registry.solve(Wp, FLAGS.rank, solver="auto",
                               grid_steps=FLAGS.grid_steps, grid_restarts=r,
-                              grid_snap_from=sf, grid_shrink=sh)
+                              grid_snap_from=sf, grid_shrink=sh,
+                              grid_redecode_steps=rd)
       W_a = np.asarray(W_a)
-      autos.append((_auto_name(r, sf, sh), W_a, time.perf_counter() - start))
+      autos.append((_auto_name(r, sf, sh, rd), W_a,
+                    time.perf_counter() - start))
     oracle, _ = dj.grid_refine(Wp, jnp.asarray(W_true, jnp.float32),
                                FLAGS.rank, steps=FLAGS.grid_steps)
     # The true updates: the float32 merges of the same stack, less the base.

@@ -79,6 +79,10 @@ def define_flags():
   flags.DEFINE_bool("first_order", False, "Also the first-order test of "
                     "each of auto's wrong entries (an LP per release and "
                     "entry).")
+  flags.DEFINE_integer("grid_redecode_steps", registry.GRID_REDECODE_STEPS,
+                       "auto's grid_redecode_steps (0: the grid step without "
+                       "re-reading the entries in doubt, as in the "
+                       "fourteenth session's runs).")
   flags.DEFINE_string("json_out", None, "Write the rows to this JSON file.")
 
 
@@ -178,7 +182,8 @@ def main(argv: Sequence[str]) -> None:
   for layer in range(FLAGS.layers):
     Wp = jnp.asarray(releases[layer])
     truth = np.asarray(jnp.asarray(truths[layer], jnp.float32))
-    W_a, _ = registry.solve(Wp, FLAGS.rank, solver="auto")
+    W_a, _ = registry.solve(Wp, FLAGS.rank, solver="auto",
+                            grid_redecode_steps=FLAGS.grid_redecode_steps)
     W_a = np.asarray(W_a, np.float32)
     start = time.perf_counter()
     W_s, info = consistency_search(
