@@ -98,7 +98,8 @@ class RecoverConfig:
       ill-posed) and
       Spectral DeTuning otherwise.
     solver_options: extra keyword arguments of the solver, and of the
-      dtype-aware step (``grid_restarts``, ``grid_steps``; see
+      dtype-aware step (``grid_restarts``, ``grid_steps``,
+      ``grid_redecode_steps``; see
       :func:`detune_jax.solvers.registry.solve`).
     dtype_aware: for layers released in bfloat16/float16, refine the
       recovery on that dtype's grid (the base was released on it too).

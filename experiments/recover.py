@@ -51,6 +51,13 @@ _GRID_STEPS = flags.DEFINE_integer(
     "(default: detune_jax.solvers.registry.GRID_STEPS, 100). 1000: about 5x "
     "the solver time for 0.1 points more bit-exact weights on real "
     "fine-tunes (docs/results.md).", lower_bound=1)
+_GRID_REDECODE = flags.DEFINE_integer(
+    "grid_redecode_steps", None, "Projections of the dtype-aware grid step's "
+    "re-reading of the entries in doubt (default: "
+    "detune_jax.solvers.registry.GRID_REDECODE_STEPS, 300). 0: off, about "
+    "0.5-0.9x the solver time for 0.3 points fewer bit-exact weights where "
+    "the updates have few parameters per weight (low rank on large layers), "
+    "0.02 on real MiniLM fine-tunes (docs/results.md).", lower_bound=0)
 _MAX_MEMORY_GB = flags.DEFINE_float("max_memory_gb", 4.0, "Memory budget of "
                                     "one batch of same-shape layers.")
 _GROUND_TRUTH = flags.DEFINE_string("ground_truth", None, "True base model, "
@@ -108,7 +115,8 @@ def main(argv):
                    ambiguous_rank=_AMBIGUOUS.value, plots=_PLOTS.value,
                    dtype_aware=_DTYPE_AWARE.value)
     grid_options = tuple((name, flag.value) for name, flag in (
-        ("grid_restarts", _GRID_RESTARTS), ("grid_steps", _GRID_STEPS))
+        ("grid_restarts", _GRID_RESTARTS), ("grid_steps", _GRID_STEPS),
+        ("grid_redecode_steps", _GRID_REDECODE))
                          if flag.value is not None)
     if grid_options:
       options["solver_options"] = grid_options

@@ -273,21 +273,25 @@ def test_grid_options_reach_the_grid_step(tmp_path, monkeypatch):
   real = grid.grid_refine
 
   def spy(*args, **kwargs):
-    seen.append((kwargs["restarts"], kwargs["steps"]))
+    seen.append((kwargs["restarts"], kwargs["steps"],
+                 kwargs["redecode_steps"]))
     return real(*args, **kwargs)
 
   monkeypatch.setattr(grid, "grid_refine", spy)
   default = pipeline.recover(_config(models, tmp_path / "a"),
                              progress_bar=False)
-  assert seen and set(seen) == {(registry.GRID_RESTARTS, registry.GRID_STEPS)}
+  assert seen and set(seen) == {(registry.GRID_RESTARTS, registry.GRID_STEPS,
+                                  registry.GRID_REDECODE_STEPS)}
   seen.clear()
-  options = (("grid_restarts", 0), ("grid_steps", 7))
+  options = (("grid_restarts", 0), ("grid_steps", 7),
+             ("grid_redecode_steps", 0))
   off = pipeline.recover(_config(models, tmp_path / "b",
                                  solver_options=options),
                          progress_bar=False)
-  assert seen and set(seen) == {(0, 7)}
+  assert seen and set(seen) == {(0, 7, 0)}
   assert default["solver_options"] == {}
-  assert off["solver_options"] == {"grid_restarts": 0, "grid_steps": 7}
+  assert off["solver_options"] == {"grid_restarts": 0, "grid_steps": 7,
+                                   "grid_redecode_steps": 0}
 
 
 def test_iterative_solver_reports_its_steps_and_loss_curve(tiny_models,

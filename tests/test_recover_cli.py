@@ -222,11 +222,14 @@ def test_grid_flags(tmp_path):
   models, _ = make_tiny(tmp_path / "m", dtype=ml_dtypes.bfloat16)
   out = tmp_path / "out"
   res = _run(f"--models={','.join(models)}", f"--output_dir={out}",
-             f"--steps={STEPS}", "--grid_restarts=0", "--grid_steps=7")
+             f"--steps={STEPS}", "--grid_restarts=0", "--grid_steps=7",
+             "--grid_redecode_steps=0")
   assert res.returncode == 0, res.stderr[-2000:]
   report = json.loads((out / pipeline.REPORT_FILE).read_text())
-  assert report["solver_options"] == {"grid_restarts": 0, "grid_steps": 7}
-  for bad_flag in ("--grid_restarts=-1", "--grid_steps=0"):
+  assert report["solver_options"] == {"grid_restarts": 0, "grid_steps": 7,
+                                      "grid_redecode_steps": 0}
+  for bad_flag in ("--grid_restarts=-1", "--grid_steps=0",
+                   "--grid_redecode_steps=-1"):
     bad = _run(f"--models={','.join(models)}",
                f"--output_dir={tmp_path / 'x'}", bad_flag)
     assert bad.returncode != 0

@@ -120,11 +120,13 @@ GRID_STEPS = 100
 
 # Projections of the grid step's re-reading of the entries in doubt
 # (grid_refine's ``redecode_steps``; 0: off). Synthetic bf16 releases, n=3:
-# bit-exact weights 98.71% -> 99.04% at 1024x1024 r=8, 98.48% -> 98.83% at
-# 256x256 r=4, the same where the updates have more parameters per weight
-# (256x256 r=16; real MiniLM fine-tunes, r=16: 96.60% -> 96.62%), for about
-# 2x to 2.6x the grid step's time (docs/results.md, "Re-reading the entries
-# in doubt"). The most weights back is what the tool is for.
+# bit-exact weights 98.71% -> 99.04% at 1024x1024 r=8 and 98.51% -> 98.83%
+# at 2048x2048 r=16 (the share the true updates determine: 99.01%, 98.61%),
+# 98.48% -> 98.83% at 256x256 r=4; the same where the updates have more
+# parameters per weight (256x256 r=16; real MiniLM fine-tunes, r=16: 96.60%
+# -> 96.62%); `auto` takes 1.1x to 2x as long (docs/results.md,
+# "Re-reading the entries in doubt"). The most weights back is what the
+# tool is for.
 GRID_REDECODE_STEPS = 300
 
 
