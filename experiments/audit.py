@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import detune_jax as dj
-from detune_jax.io.errors import BadInputError
+from detune_jax.io.errors import BadInputError, parse_flags
 from detune_jax.io.progress import write_json_atomic
 from detune_jax.solvers import registry
 from experiments import stacks
@@ -273,4 +273,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

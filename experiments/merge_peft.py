@@ -15,7 +15,7 @@ import sys
 
 from absl import app, flags
 
-from detune_jax.io.errors import BadInputError
+from detune_jax.io.errors import BadInputError, parse_flags
 from detune_jax.io.peft import merge_adapter
 
 _BASE = flags.DEFINE_string("base", None, "Base model (file or directory).")
@@ -39,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

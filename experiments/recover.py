@@ -18,7 +18,7 @@ import sys
 from absl import app, flags
 
 from detune_jax import pipeline
-from detune_jax.io.errors import BadInputError
+from detune_jax.io.errors import BadInputError, parse_flags
 
 _MODELS = flags.DEFINE_list("models", [], "Fine-tuned models: safetensors "
                             "files or HF directories (comma separated).")
@@ -158,4 +158,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -291,6 +291,13 @@ def test_audit_binary_bad_input_exits_2_with_one_line(audit_bad_inputs,
     procs[case] = _run_audit(f"--base={base}", f"--models={','.join(models)}",
                              f"--out={out}", "--rank=3", "--steps=5",
                              "--solvers=mean_lora")
+  # A flag that does not parse is bad input too (absl alone exits 1).
+  base, models = cases["nan"][:2]
+  procs["bad_flag"] = _run_audit(f"--base={base}",
+                                 f"--models={','.join(models)}",
+                                 f"--out={tmp_path / 'out_bad_flag'}",
+                                 "--steps=many")
+  want["bad_flag"] = "steps"
   for case, proc in procs.items():
     stdout, stderr = proc.communicate(timeout=300)
     lines = stderr.strip().splitlines()

@@ -42,6 +42,10 @@ def test_merge_peft_cli(tmp_path):
   assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
   assert "adapter_config.json" in bad.stderr
   assert not os.path.exists(tmp_path / "ft2")
+  # A flag that does not parse is bad input too (absl alone exits 1).
+  bad = _run(f"--base={tmp_path / 'base'}", "--no_such_flag=1")
+  assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+  assert "no_such_flag" in bad.stderr
 
 
 def _popen(*flags):

@@ -232,6 +232,8 @@ def test_grid_flags(tmp_path):
                    "--grid_redecode_steps=-1"):
     bad = _run(f"--models={','.join(models)}",
                f"--output_dir={tmp_path / 'x'}", bad_flag)
-    assert bad.returncode != 0
+    # A bad flag is bad input: exit 2 and one line naming it.
+    assert bad.returncode == 2, bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert bad_flag.split("=")[0][2:] in bad.stderr
     assert not os.path.exists(tmp_path / "x")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import sys
+from typing import List, Optional
 
 
 class BadInputError(ValueError):
@@ -29,3 +30,17 @@ class BadInputError(ValueError):
     if self.tensor is not None:
       where += f": tensor {self.tensor!r}"
     return f"{where}: {self.message}"
+
+
+def parse_flags(argv: List[str]) -> List[str]:
+  """absl ``app.run(main, flags_parser=parse_flags)``: a flag that does not
+  parse (unknown, malformed, out of bounds) is bad input like a bad file:
+  exit status 2 and one line, ``error: <what absl says>``, instead of absl's
+  usage dump and status 1. ``--help``/``--helpfull`` behave as in absl."""
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.stderr.write("error: " + " ".join(str(e).split()) + "\n")
+    sys.stderr.flush()
+    sys.exit(2)
