@@ -454,6 +454,22 @@ def test_finished_run_leaves_no_empty_parts_folder(recovered):
       os.listdir(out))
 
 
+def test_two_models_warn_that_the_rank_split_is_a_guess(tiny_models, caplog):
+  # W'_0 - W'_1 shows the sum of the two ranks only (an audit found true
+  # ranks [4, 8] reported as [6, 6] without a word).
+  models, _ = tiny_models
+  for chosen, warned in ((models[:2], True), (models[:3], False)):
+    caplog.clear()
+    config = _config(chosen, "unused")
+    pipeline.scan(pipeline.open_inputs(config), config)
+    assert ("only the sum of each layer's two LoRA ranks" in caplog.text) \
+        == warned
+  caplog.clear()
+  config = _config(models[:2], "unused", rank="4")
+  pipeline.scan(pipeline.open_inputs(config), config)
+  assert "two LoRA ranks" not in caplog.text
+
+
 def test_identical_models_warn_that_nothing_differs(tiny_models, tmp_path,
                                                     caplog):
   models, _ = tiny_models
