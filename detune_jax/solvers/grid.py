@@ -418,7 +418,8 @@ def grid_refine(W_primes, W0, rank: Rank, *, steps: int = 100,
       It gains where updates have few parameters per weight (low rank on a
       large layer: bf16, n=3, 1024x1024 r=8 98.7% -> 99.0% bit-exact) and
       keeps the base where they do not (docs/results.md, "Re-reading the
-      entries in doubt").
+      entries in doubt"). With ``shrink`` 0 both runs are alike and
+      little is in doubt.
     check_steps: projections of that consistency check.
 
   Returns:
