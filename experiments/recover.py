@@ -55,7 +55,7 @@ _GRID_REDECODE = flags.DEFINE_integer(
     "grid_redecode_steps", None, "Projections of the dtype-aware grid step's "
     "re-reading of the entries in doubt (default: "
     "detune_jax.solvers.registry.GRID_REDECODE_STEPS, 300). 0: off, about "
-    "0.5-0.9x the solver time for 0.3 points fewer bit-exact weights where "
+    "0.5-0.9x the time of auto for 0.3 points fewer bit-exact weights where "
     "the updates have few parameters per weight (low rank on large layers), "
     "0.02 on real MiniLM fine-tunes (docs/results.md).", lower_bound=0)
 _MAX_MEMORY_GB = flags.DEFINE_float("max_memory_gb", 4.0, "Memory budget of "

@@ -124,7 +124,7 @@ GRID_STEPS = 100
 # at 2048x2048 r=16 (the share the true updates determine: 99.01%, 98.61%),
 # 98.48% -> 98.83% at 256x256 r=4; the same where the updates have more
 # parameters per weight (256x256 r=16; real MiniLM fine-tunes, r=16: 96.60%
-# -> 96.62%); `auto` takes 1.1x to 2x as long (docs/results.md,
+# -> 96.62%); `auto` takes 1.1x to 1.9x as long (docs/results.md,
 # "Re-reading the entries in doubt"). The most weights back is what the
 # tool is for.
 GRID_REDECODE_STEPS = 300
