@@ -468,12 +468,6 @@ def scan(inputs: Inputs, config: RecoverConfig) -> List[TensorPlan]:
   rank = _parse_rank(config.rank)
   policy = _parse_ambiguous(config.ambiguous_rank)
   pid, nproc = jax.process_index(), jax.process_count()
-  if n == 2 and rank == "auto" and pid == 0:
-    # W'_0 - W'_1 = M_0 - M_1 shows only the sum of the two ranks.
-    logging.warning("with 2 models only the sum of each layer's two LoRA "
-                    "ranks can be estimated; it is split evenly (give "
-                    "--rank if the ranks are known). Three or more models "
-                    "determine each rank, and the base far better.")
   local = np.zeros((len(names), 3 + n), np.int32)
   warnings, error = [], None
   for t in range(pid, len(names), nproc):
@@ -504,8 +498,15 @@ def scan(inputs: Inputs, config: RecoverConfig) -> List[TensorPlan]:
                           tensor=names[t])
   else:
     table = local
+  # Warnings only once the scan has passed: bad input stays one line.
   for w in warnings:
     logging.warning("%s", w)
+  if n == 2 and rank == "auto" and pid == 0:
+    # W'_0 - W'_1 = M_0 - M_1 shows only the sum of the two ranks.
+    logging.warning("with 2 models only the sum of each layer's two LoRA "
+                    "ranks can be estimated; it is split evenly (give "
+                    "--rank if the ranks are known). Three or more models "
+                    "determine each rank, and the base far better.")
   plans = []
   for t, name in enumerate(names):
     info = models[0].info(name)
