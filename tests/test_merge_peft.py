@@ -14,20 +14,30 @@ from test_io import _adapter
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(*flags):
+def _args(*flags):
+  """Command and keyword arguments of a merge_peft subprocess."""
   env = dict(os.environ)
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  return subprocess.run([sys.executable, "-m", "experiments.merge_peft",
-                         *flags], capture_output=True, text=True, cwd=ROOT,
-                        env=env, timeout=120)
+  return ([sys.executable, "-m", "experiments.merge_peft", *flags],
+          dict(text=True, cwd=ROOT, env=env))
 
 
-def test_merge_peft_cli(tmp_path):
+def _run(*flags):
+  cmd, kw = _args(*flags)
+  return subprocess.run(cmd, capture_output=True, timeout=120, **kw)
+
+
+def _base():
+  """A base model: a linear, a conv kernel, an embedding and a zero head."""
   rng = np.random.default_rng(0)
-  base = {"enc.q.weight": rng.standard_normal((4, 6)).astype(np.float32),
+  return {"enc.q.weight": rng.standard_normal((4, 6)).astype(np.float32),
           "conv.weight": rng.standard_normal((5, 2, 3, 3)).astype(np.float32),
           "emb.weight": rng.standard_normal((7, 3)).astype(np.float32),
           "head.weight": np.zeros((2, 6), np.float32)}
+
+
+def test_merge_peft_cli(tmp_path):
+  base = _base()
   write_model(tmp_path / "base", base)
   ad, want = _adapter(tmp_path, base)
   res = _run(f"--base={tmp_path / 'base'}", f"--adapter={ad}",
@@ -49,11 +59,9 @@ def test_merge_peft_cli(tmp_path):
 
 
 def _popen(*flags):
-  env = dict(os.environ)
-  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  return subprocess.Popen([sys.executable, "-m", "experiments.merge_peft",
-                           *flags], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+  cmd, kw = _args(*flags)
+  return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          **kw)
 
 
 def _snapshot(root):
@@ -68,11 +76,7 @@ def _snapshot(root):
 
 
 def test_merge_peft_never_overwrites(tmp_path):
-  rng = np.random.default_rng(0)
-  base = {"enc.q.weight": rng.standard_normal((4, 6)).astype(np.float32),
-          "conv.weight": rng.standard_normal((5, 2, 3, 3)).astype(np.float32),
-          "emb.weight": rng.standard_normal((7, 3)).astype(np.float32),
-          "head.weight": np.zeros((2, 6), np.float32)}
+  base = _base()
   write_model(tmp_path / "base", base, shards=2)
   single = tmp_path / "single"
   single.mkdir()
@@ -121,11 +125,7 @@ def test_merge_peft_never_overwrites(tmp_path):
 
 
 def test_merge_peft_leaves_nothing_half_written(tmp_path):
-  rng = np.random.default_rng(0)
-  base = {"enc.q.weight": rng.standard_normal((4, 6)).astype(np.float32),
-          "conv.weight": rng.standard_normal((5, 2, 3, 3)).astype(np.float32),
-          "emb.weight": rng.standard_normal((7, 3)).astype(np.float32),
-          "head.weight": np.zeros((2, 6), np.float32)}
+  base = _base()
   write_model(tmp_path / "base", base, shards=2)  # head.weight: 2nd shard
   ad, _ = _adapter(tmp_path, base)
   save_file({**load_file(ad / "adapter_model.safetensors"),
