@@ -80,16 +80,12 @@ class RealModels(NamedTuple):
     base: the base model, or None.
     names: the LoRA layers: float tensors of 2+ axes that differ among the
       models, in file order (conv kernels ``[o, i, kh, kw]`` and 3-D tensors
-      included; they are solved as :func:`matrix_shape` matrices).
+      included; they are solved as :func:`detune_jax.pipeline.matrix_shape`
+      matrices).
   """
   models: List[ModelFiles]
   base: Optional[ModelFiles]
   names: List[str]
-
-
-def matrix_shape(shape: Sequence[int]) -> Tuple[int, int]:
-  """The matrix a tensor is solved as (recover's rule): ``[d, prod(rest)]``."""
-  return pipeline.matrix_shape(shape)
 
 
 def open_models(models: Sequence[str], base: Optional[str] = None,
@@ -132,27 +128,8 @@ def open_models(models: Sequence[str], base: Optional[str] = None,
   return RealModels(list(inputs.models), inputs.ground_truth, names)
 
 
-def load_tensors(path: str, names: Optional[Sequence[str]] = None):
-  """``{name: np.ndarray}`` from a safetensors model (dir, sharded dir or
-  file; pickle checkpoints are refused, :class:`BadInputError`)."""
-  model = ModelFiles(path)
-  have = set(model.names)
-  out = {}
-  for name in (names if names is not None else model.names):
-    if name not in have:
-      raise BadInputError(model.path, "tensor missing", tensor=name)
-    out[name] = np.array(model.read(name))
-  return out
-
-
-def finetuned_names(paths: Sequence[str]) -> List[str]:
-  """The LoRA layers of the models (see :func:`open_models`)."""
-  return open_models(paths).names
-
-
-def real_stacks(base: str, models: Sequence[str],
-                names: Optional[Sequence[str]] = None,
-                dtype: str = "float32", rank: int = 1):
+def real_stacks(base: str, models: Sequence[str], dtype: str = "float32",
+                rank: int = 1):
   """Fine-tuned layers of real models, grouped by matrix shape.
 
   The models and the base are opened and checked by :func:`open_models`
@@ -163,7 +140,6 @@ def real_stacks(base: str, models: Sequence[str],
   Args:
     base: the ground-truth base model.
     models: the fine-tuned models.
-    names: tensors to use (default: those that differ among ``models``).
     dtype: ``"stored"`` (the files' dtype), ``"float32"``, or a release
       dtype (``"bfloat16"``: base and fine-tunes rounded as a bf16 release).
     rank: the LoRA rank that will be assumed (a layer too small for it is
@@ -172,18 +148,13 @@ def real_stacks(base: str, models: Sequence[str],
   Returns:
     ``{(d, k): (names, W_true [L, d, k], W_primes [L, n, d, k])}``.
   """
+  # The LoRA layers, each in every model and in the base (scan checks it).
   opened = open_models(models, base, rank)
-  if names is None:
-    names = opened.names
   fts, true_model = opened.models, opened.base
-  for m in [true_model] + fts:
-    have = set(m.names)
-    for name in names:
-      if name not in have:
-        raise BadInputError(m.path, "tensor missing", tensor=name)
   groups: Dict[Tuple[int, int], list] = {}
-  for name in names:
-    groups.setdefault(matrix_shape(fts[0].info(name).shape), []).append(name)
+  for name in opened.names:
+    groups.setdefault(pipeline.matrix_shape(fts[0].info(name).shape),
+                      []).append(name)
 
   def read(model, name, shape):
     return np.array(model.read(name)).reshape(shape)
