@@ -99,7 +99,7 @@ class RecoverConfig:
       Spectral DeTuning otherwise.
     solver_options: extra keyword arguments of the solver, and of the
       dtype-aware step (``grid_restarts``, ``grid_steps``,
-      ``grid_redecode_steps``; see
+      ``grid_redecode_steps``, ``grid_momentum``; see
       :func:`detune_jax.solvers.registry.solve`).
     dtype_aware: for layers released in bfloat16/float16, refine the
       recovery on that dtype's grid (the base was released on it too).

@@ -8,10 +8,12 @@ bit-exactly and the W-Error by:
 * ``auto``, the default (closed form, then :func:`detune_jax.grid_refine`
   with ``registry.GRID_RESTARTS`` restarts); ``--grid_restarts=0,1`` adds a
   row per other number of restarts (``auto+r0``), ``--grid_snap_from``,
-  ``--grid_shrink`` and ``--grid_redecode_steps`` rows for other settings
-  of the grid step's annealing, narrowed box and re-reading of the entries
-  in doubt (``auto+snap0.5+shrink0+redecode0`` is the sixth session's grid
-  step, ``auto+redecode0`` the fifteenth's);
+  ``--grid_shrink``, ``--grid_redecode_steps`` and ``--grid_momentum`` rows
+  for other settings of the grid step's annealing, narrowed box, re-reading
+  of the entries in doubt and extrapolated projections
+  (``auto+snap0.5+shrink0+redecode0+mom0`` is the sixth session's grid
+  step, ``auto+redecode0+mom0`` the fifteenth's, ``auto+mom0`` the
+  sixteenth's);
 * ``oracle``: ``grid_refine`` started from the true base (one round, no
   restart). It measures how
   much this estimator keeps when its start is right: what is lost from
@@ -100,6 +102,10 @@ def define_flags():
                     "re-reading of the entries in doubt, the grid step before "
                     "the sixteenth session), as --grid_snap_from; rows e.g. "
                     "'auto+redecode0'.")
+  flags.DEFINE_list("grid_momentum", [str(grid.MOMENTUM)],
+                    "grid_refine's momentum for the auto rows (0: plain "
+                    "projections, the grid step before the seventeenth "
+                    "session), as --grid_snap_from; rows e.g. 'auto+mom0'.")
   flags.DEFINE_string("minilm_dir", os.path.join("~", ".cache", "detune_jax",
                                                  "minilm_finetunes"),
                       "Cache of the MiniLM fine-tunes.")
@@ -148,7 +154,8 @@ def _stack(n: int):
 
 
 def _auto_name(restarts: int, snap_from: float, shrink: float,
-               redecode: int = registry.GRID_REDECODE_STEPS) -> str:
+               redecode: int = registry.GRID_REDECODE_STEPS,
+               momentum: float = grid.MOMENTUM) -> str:
   """'auto', with a suffix for each grid setting off the default."""
   name = "auto"
   if restarts != registry.GRID_RESTARTS:
@@ -159,6 +166,8 @@ def _auto_name(restarts: int, snap_from: float, shrink: float,
     name += f"+shrink{shrink:g}"
   if redecode != registry.GRID_REDECODE_STEPS:
     name += f"+redecode{redecode}"
+  if momentum != grid.MOMENTUM:
+    name += f"+mom{momentum:g}"
   return name
 
 
@@ -388,18 +397,19 @@ def main(argv: Sequence[str]) -> None:
     raw, _ = registry.solve(Wp, FLAGS.rank, solver="closed_form",
                             dtype_aware=False)
     autos = []
-    for r, sf, sh, rd in itertools.product(
+    for r, sf, sh, rd, mo in itertools.product(
         [int(x) for x in FLAGS.grid_restarts],
         [float(x) for x in FLAGS.grid_snap_from],
         [float(x) for x in FLAGS.grid_shrink],
-        [int(x) for x in FLAGS.grid_redecode_steps]):
+        [int(x) for x in FLAGS.grid_redecode_steps],
+        [float(x) for x in FLAGS.grid_momentum]):
       start = time.perf_counter()
       W_a, _ = registry.solve(Wp, FLAGS.rank, solver="auto",
                               grid_steps=FLAGS.grid_steps, grid_restarts=r,
                               grid_snap_from=sf, grid_shrink=sh,
-                              grid_redecode_steps=rd)
+                              grid_redecode_steps=rd, grid_momentum=mo)
       W_a = np.asarray(W_a)
-      autos.append((_auto_name(r, sf, sh, rd), W_a,
+      autos.append((_auto_name(r, sf, sh, rd, mo), W_a,
                     time.perf_counter() - start))
     oracle, _ = dj.grid_refine(Wp, jnp.asarray(W_true, jnp.float32),
                                FLAGS.rank, steps=FLAGS.grid_steps)

@@ -83,6 +83,9 @@ def define_flags():
                        "auto's grid_redecode_steps (0: the grid step without "
                        "re-reading the entries in doubt, as in the "
                        "fourteenth session's runs).")
+  flags.DEFINE_float("grid_momentum", grid.MOMENTUM, "auto's grid_momentum "
+                     "(0: plain projections, as in the runs before the "
+                     "seventeenth session).")
   flags.DEFINE_string("json_out", None, "Write the rows to this JSON file.")
 
 
@@ -183,7 +186,8 @@ def main(argv: Sequence[str]) -> None:
     Wp = jnp.asarray(releases[layer])
     truth = np.asarray(jnp.asarray(truths[layer], jnp.float32))
     W_a, _ = registry.solve(Wp, FLAGS.rank, solver="auto",
-                            grid_redecode_steps=FLAGS.grid_redecode_steps)
+                            grid_redecode_steps=FLAGS.grid_redecode_steps,
+                            grid_momentum=FLAGS.grid_momentum)
     W_a = np.asarray(W_a, np.float32)
     start = time.perf_counter()
     W_s, info = consistency_search(

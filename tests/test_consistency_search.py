@@ -29,12 +29,13 @@ def _layer(dim, rank, layer):
 
 def test_search_finds_an_explained_base_with_more_weights_right():
   # 32x32, rank 1, n=3, bf16: auto's output (the grid step without
-  # re-reading the entries in doubt, as in the documented runs) is not
-  # explained; the search ends on a base that is (a witness found), and gets
-  # more weights right.
+  # re-reading the entries in doubt or momentum, as in the documented runs)
+  # is not explained; the search ends on a base that is (a witness found),
+  # and gets more weights right.
   Wp, truth = _layer(32, 1, 1)
   W_a = np.asarray(registry.solve(Wp, 1, solver="auto",
-                                  grid_redecode_steps=0)[0], np.float32)
+                                  grid_redecode_steps=0,
+                                  grid_momentum=0.0)[0], np.float32)
   found, info = consistency_search.consistency_search(
       Wp, W_a, 1, rounds=30, accept=10, score_steps=1000,
       explain_steps=32000)
@@ -68,6 +69,7 @@ def test_binary_at_64x64_rank_2(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.consistency_search", "--dim=64",
        "--rank=2", "--layers=1", "--first_order", "--grid_redecode_steps=0",
+       "--grid_momentum=0",
        f"--json_out={out}"],
       capture_output=True, text=True, timeout=1200, cwd=_ROOT)
   assert proc.returncode == 0, proc.stderr[-2000:]

@@ -274,24 +274,27 @@ def test_grid_options_reach_the_grid_step(tmp_path, monkeypatch):
 
   def spy(*args, **kwargs):
     seen.append((kwargs["restarts"], kwargs["steps"],
-                 kwargs["redecode_steps"]))
+                 kwargs["redecode_steps"],
+                 kwargs.get("momentum", grid.MOMENTUM)))
     return real(*args, **kwargs)
 
   monkeypatch.setattr(grid, "grid_refine", spy)
   default = pipeline.recover(_config(models, tmp_path / "a"),
                              progress_bar=False)
   assert seen and set(seen) == {(registry.GRID_RESTARTS, registry.GRID_STEPS,
-                                  registry.GRID_REDECODE_STEPS)}
+                                  registry.GRID_REDECODE_STEPS,
+                                  grid.MOMENTUM)}
   seen.clear()
   options = (("grid_restarts", 0), ("grid_steps", 7),
-             ("grid_redecode_steps", 0))
+             ("grid_redecode_steps", 0), ("grid_momentum", 0.5))
   off = pipeline.recover(_config(models, tmp_path / "b",
                                  solver_options=options),
                          progress_bar=False)
-  assert seen and set(seen) == {(0, 7, 0)}
+  assert seen and set(seen) == {(0, 7, 0, 0.5)}
   assert default["solver_options"] == {}
   assert off["solver_options"] == {"grid_restarts": 0, "grid_steps": 7,
-                                   "grid_redecode_steps": 0}
+                                   "grid_redecode_steps": 0,
+                                   "grid_momentum": 0.5}
 
 
 def test_iterative_solver_reports_its_steps_and_loss_curve(tiny_models,
