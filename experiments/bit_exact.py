@@ -115,6 +115,11 @@ def define_flags():
                     "every released value (grid.explain_releases; float64, "
                     "up to a minute per MiniLM layer).")
   flags.DEFINE_integer("explain_steps", 32000, "explain_releases's max_steps.")
+  flags.DEFINE_float("explain_relax", grid.EXPLAIN_RELAX, "explain_releases's "
+                     "relax (1.9 with --explain_momentum=0: the search "
+                     "before the seventeenth session).")
+  flags.DEFINE_float("explain_momentum", grid.EXPLAIN_MOMENTUM,
+                     "explain_releases's momentum.")
   flags.DEFINE_bool("explain_swaps", False, "With --explain, also look for "
                     "explained bases next to the true one: (a) the true base "
                     "with every entry that the true updates leave open moved "
@@ -179,12 +184,18 @@ def _row(name, n, W, W_true):
                                        jnp.asarray(W_true, jnp.float32))))
 
 
-def explain_changed(Wp, W, changes, rank, *, steps, start=None, chunk=32):
+def _search():
+  """explain_releases' search options from the flags."""
+  return dict(relax=FLAGS.explain_relax, momentum=FLAGS.explain_momentum)
+
+
+def explain_changed(Wp, W, changes, rank, *, steps, start=None, chunk=32,
+                    search=None):
   """``(explained, reproduced)`` arrays, one per change: whether
   :func:`grid.explain_releases` (``steps`` projections, from the updates
-  ``start`` if given) explains ``W`` with one change ``(flat entries,
-  values)`` made, and the share of released values reproduced; ``chunk``
-  bases a call."""
+  ``start`` if given; its other options ``search``) explains ``W`` with one
+  change ``(flat entries, values)`` made, and the share of released values
+  reproduced; ``chunk`` bases a call."""
   explained, reproduced = [], []
   for c in range(0, len(changes), chunk):
     batch = changes[c:c + chunk]
@@ -196,14 +207,14 @@ def explain_changed(Wp, W, changes, rank, *, steps, start=None, chunk=32):
         jnp.broadcast_to(Wp, (g,) + Wp.shape),
         bases.reshape((g,) + np.shape(W)), rank, max_steps=steps,
         start=None if start is None else np.broadcast_to(
-            start, (g,) + np.shape(start)))
+            start, (g,) + np.shape(start)), **(search or {}))
     explained += np.ravel(ex.explained).tolist()
     reproduced += np.ravel(ex.reproduced).tolist()
   return np.asarray(explained, bool), np.asarray(reproduced)
 
 
 def _swap_tests(Wp, truth, W, rank, start, *, group, steps, seed,
-                sample=0, chunk=32):
+                sample=0, chunk=32, search=None):
   """``(open mask, tested mask, tests run)``: the entries of one layer
   where ``W`` differs from ``truth`` and the true base with ``W``'s value
   there is explained (with ``group - 1`` other such entries at first: a
@@ -221,7 +232,7 @@ def _swap_tests(Wp, truth, W, rank, start, *, group, steps, seed,
   while pending:
     explained, _ = explain_changed(
         Wp, truth, [(idx, values[idx]) for idx in pending], rank,
-        steps=steps, start=start, chunk=chunk)
+        steps=steps, start=start, chunk=chunk, search=search)
     tests += len(pending)
     split = []
     for idx, ok in zip(pending, explained):
@@ -278,7 +289,8 @@ def _explain_rows(rows, n, Wp, W_true, candidates, M_true=None) -> None:
     ex = grid.explain_releases(
         Wp, np.asarray(W, np.float32), FLAGS.rank,
         max_steps=FLAGS.explain_steps,
-        start=found["truth"].updates if name == "moved" else None)
+        start=found["truth"].updates if name == "moved" else None,
+        **_search())
     found[name] = ex
     explained = np.asarray(ex.explained).reshape(truth.shape[:-2])
     same = np.asarray(grid.bit_exact_mask(np.asarray(W, np.float32), truth))
@@ -325,7 +337,7 @@ def _explain_rows(rows, n, Wp, W_true, candidates, M_true=None) -> None:
       opened[i], tested[i], t = _swap_tests(
           releases[i], layers[i], W[i], FLAGS.rank, witness[i],
           group=FLAGS.swap_group, steps=FLAGS.swap_steps, seed=i,
-          sample=FLAGS.swap_sample)
+          sample=FLAGS.swap_sample, search=_search())
       tests += t
       if FLAGS.swap_first_order != "none":
         todo = tested[i] if FLAGS.swap_first_order == "all" else (

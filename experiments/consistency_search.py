@@ -86,6 +86,11 @@ def define_flags():
   flags.DEFINE_float("grid_momentum", grid.MOMENTUM, "auto's grid_momentum "
                      "(0: plain projections, as in the runs before the "
                      "seventeenth session).")
+  flags.DEFINE_float("explain_relax", grid.EXPLAIN_RELAX, "explain_releases's "
+                     "relax in every search (1.9 with --explain_momentum=0: "
+                     "the search before the seventeenth session).")
+  flags.DEFINE_float("explain_momentum", grid.EXPLAIN_MOMENTUM,
+                     "explain_releases's momentum in every search.")
   flags.DEFINE_string("json_out", None, "Write the rows to this JSON file.")
 
 
@@ -120,25 +125,28 @@ def _pulled_moves(Wp, W, M, count):
   return list(zip(entries, np.where(pull[entries] > 0, up, down).tolist()))
 
 
-def _scores(Wp, W, M, rank, moves, steps):
+def _scores(Wp, W, M, rank, moves, steps, search):
   """Reproduced share of each base ``W`` with one move ``(entry, value)``,
   after ``steps`` projections from ``M``."""
   return bit_exact.explain_changed(Wp, W, moves, rank, steps=steps, start=M,
-                                   chunk=64)[1]
+                                   chunk=64, search=search)[1]
 
 
 def consistency_search(Wp, W, rank, *, rounds, accept, score_steps,
-                       explain_steps, candidates=0, start=None, log=None):
+                       explain_steps, candidates=0, start=None, log=None,
+                       search=None):
   """The greedy search of the module docstring on one layer, from ``W``
-  (and the first search from the updates ``start``, if given).
+  (and the first search from the updates ``start``, if given); ``search``:
+  explain_releases' other options in every search (e.g. ``relax``).
 
   Returns ``(W, info)``: the searched float32 base and a dict with the
   reproduced share before and after, whether the result is explained, and
   the rounds run.
   """
   W = np.array(W, np.float32)
+  search = search or {}
   ex = grid.explain_releases(Wp, W, rank, max_steps=explain_steps,
-                             start=start)
+                             start=start, **search)
   M, cur = ex.updates, float(ex.reproduced)
   info = dict(reproduced_start=cur, explained_start=bool(ex.explained))
   rounds_run = 0
@@ -146,13 +154,13 @@ def consistency_search(Wp, W, rank, *, rounds, accept, score_steps,
     rounds_run += 1
     moves = (_pulled_moves(Wp, W, M, candidates) if candidates
              else _all_moves(Wp, W, M))
-    scores = _scores(Wp, W, M, rank, moves, score_steps)
+    scores = _scores(Wp, W, M, rank, moves, score_steps, search)
     if not np.any(scores > cur):
       # A stall: the scores are searches cut short, so the moves of every
       # entry with a value not reproduced are scored with longer ones
       # before giving up.
       moves = _all_moves(Wp, W, M)
-      scores = _scores(Wp, W, M, rank, moves, 4 * score_steps)
+      scores = _scores(Wp, W, M, rank, moves, 4 * score_steps, search)
     taken = set()
     for i in np.argsort(-scores, kind="stable"):
       if scores[i] <= cur or len(taken) >= accept:
@@ -164,7 +172,7 @@ def consistency_search(Wp, W, rank, *, rounds, accept, score_steps,
     # A longer search on the new base (on the same one when no move scored
     # higher: it may still be explained).
     ex = grid.explain_releases(Wp, W, rank, max_steps=4 * score_steps,
-                               start=M)
+                               start=M, **search)
     M, cur = ex.updates, float(ex.reproduced)
     if log:
       log(f"  round {rounds_run}: {len(moves)} moves scored, {len(taken)} "
@@ -178,6 +186,7 @@ def consistency_search(Wp, W, rank, *, rounds, accept, score_steps,
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  search = dict(relax=FLAGS.explain_relax, momentum=FLAGS.explain_momentum)
   truths, releases = frontier.scenario_stack(
       "gaussian_bf16", FLAGS.n, dim=FLAGS.dim, rank=FLAGS.rank,
       layers=FLAGS.layers, shared=0.0, minilm_dir="")
@@ -193,7 +202,8 @@ def main(argv: Sequence[str]) -> None:
     W_s, info = consistency_search(
         Wp, W_a, FLAGS.rank, rounds=FLAGS.rounds, accept=FLAGS.accept,
         score_steps=FLAGS.score_steps, explain_steps=FLAGS.explain_steps,
-        candidates=FLAGS.candidates, log=lambda s: print(s, flush=True))
+        candidates=FLAGS.candidates, log=lambda s: print(s, flush=True),
+        search=search)
     wrong_a, wrong_s = W_a != truth, W_s != truth
     row = dict(layer=layer, auto=float(np.mean(~wrong_a)),
                searched=float(np.mean(~wrong_s)),
@@ -214,7 +224,7 @@ def main(argv: Sequence[str]) -> None:
           f"{row['put_wrong']} right ones put wrong", flush=True)
     if FLAGS.first_order:
       witness = grid.explain_releases(Wp, truth, FLAGS.rank,
-                                      max_steps=FLAGS.explain_steps)
+                                      max_steps=FLAGS.explain_steps, **search)
       if not bool(witness.explained):
         print(f"layer {layer}: the true base not explained; no first-order "
               "test", flush=True)

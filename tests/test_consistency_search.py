@@ -69,7 +69,7 @@ def test_binary_at_64x64_rank_2(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.consistency_search", "--dim=64",
        "--rank=2", "--layers=1", "--first_order", "--grid_redecode_steps=0",
-       "--grid_momentum=0",
+       "--grid_momentum=0", "--explain_relax=1.9", "--explain_momentum=0",
        f"--json_out={out}"],
       capture_output=True, text=True, timeout=1200, cwd=_ROOT)
   assert proc.returncode == 0, proc.stderr[-2000:]

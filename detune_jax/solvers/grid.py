@@ -42,6 +42,11 @@ CHECK_STEPS = 100
 # (grid_refine's ``momentum``; docs/results.md, "Momentum in the grid step's
 # projections").
 MOMENTUM = 0.9
+# explain_releases' projections: heavy-ball momentum, no over-relaxation
+# (before the seventeenth session: relax 1.9, no momentum; docs/results.md,
+# "Momentum in the grid step's projections").
+EXPLAIN_RELAX = 1.0
+EXPLAIN_MOMENTUM = 0.9
 _UINT = {2: jnp.uint16, 4: jnp.uint32}
 
 
@@ -507,7 +512,7 @@ class Explanation(NamedTuple):
 
 
 def _explain_layer(W_primes, lo, hi, W, key, start=None, *, ranks, max_steps,
-                   check_every, margin, relax):
+                   check_every, margin, relax, momentum):
   n, d, k = W_primes.shape
   q = max(ranks)
   truncate = _truncation(ranks, q)
@@ -516,10 +521,11 @@ def _explain_layer(W_primes, lo, hi, W, key, start=None, *, ranks, max_steps,
   released = jax.lax.bitcast_convert_type(W_primes, nbits)
 
   def project(_, c):
-    M, V = c
-    Z = M + relax * (jnp.clip(M, box_lo, box_hi) - M)
+    M, V, prev = c
+    Y = M + momentum * (M - prev)
+    Z = Y + relax * (jnp.clip(Y, box_lo, box_hi) - Y)
     U, S, V = jax.vmap(lowrank.svd_subspace)(Z, V)
-    return truncate(U, S, V), V
+    return truncate(U, S, V), V, M
 
   # A released zero says |W + M_i| is below half the dtype's smallest
   # subnormal (4.6e-41 in bfloat16), which no float64 witness of weights
@@ -538,24 +544,24 @@ def _explain_layer(W_primes, lo, hi, W, key, start=None, *, ranks, max_steps,
     return jnp.sum(jnp.where(zero, jnp.abs(S) <= zero_tol, same))
 
   def body(c):
-    steps, M, V, _ = c
-    M, V = jax.lax.fori_loop(0, check_every, project, (M, V))
-    return steps + check_every, M, V, count(M)
+    steps, M, V, prev, _ = c
+    M, V, prev = jax.lax.fori_loop(0, check_every, project, (M, V, prev))
+    return steps + check_every, M, V, prev, count(M)
 
   total = n * d * k
   # From the truncated SVD of W'_i - W, or of the given start.
   U, S, V = jax.vmap(lambda a: lowrank.svd_randomized(a, q, key, 2))(
       W_primes.astype(W.dtype) - W[None] if start is None else start)
   M = truncate(U, S, V)
-  steps, M, _, same = jax.lax.while_loop(
-      lambda c: (c[0] < max_steps) & (c[3] < total), body,
-      (jnp.asarray(0, jnp.int32), M, V, count(M)))
+  steps, M, _, _, same = jax.lax.while_loop(
+      lambda c: (c[0] < max_steps) & (c[4] < total), body,
+      (jnp.asarray(0, jnp.int32), M, V, M, count(M)))
   return same == total, same / total, steps, M
 
 
 @functools.partial(jax.jit, static_argnames=("ranks", "max_steps",
                                              "check_every", "margin",
-                                             "relax"))
+                                             "relax", "momentum"))
 def _explain(W_primes, lo, hi, W, key, start, **kw):
   fn = functools.partial(_explain_layer, **kw)
   if W_primes.ndim == 4:
@@ -567,7 +573,8 @@ def _explain(W_primes, lo, hi, W, key, start, **kw):
 
 def explain_releases(W_primes, W, rank: Rank, *, max_steps: int = 32000,
                      check_every: int = 250, margin: float = 1e-4,
-                     relax: float = 1.9, seed: int = 0,
+                     relax: float = EXPLAIN_RELAX,
+                     momentum: float = EXPLAIN_MOMENTUM, seed: int = 0,
                      start=None) -> Explanation:
   """Looks for rank-``r_i`` updates with which ``W`` reproduces every release.
 
@@ -639,6 +646,8 @@ def explain_releases(W_primes, W, rank: Rank, *, max_steps: int = 32000,
     raise ValueError(f"margin must be in [0, 0.5), got {margin}")
   if not 0.0 < float(relax) < 2.0:
     raise ValueError(f"relax must be in (0, 2), got {relax}")
+  if not 0.0 <= float(momentum) < 1.0:
+    raise ValueError(f"momentum must be in [0, 1), got {momentum}")
   if start is not None:
     start = np.asarray(start, np.float64)
     if start.shape != W_primes.shape:
@@ -649,7 +658,8 @@ def explain_releases(W_primes, W, rank: Rank, *, max_steps: int = 32000,
     out = _explain(W_primes, lo, hi, W, jax.random.key(seed), start,
                    ranks=ranks,
                    max_steps=int(max_steps), check_every=int(check_every),
-                   margin=float(margin), relax=float(relax))
+                   margin=float(margin), relax=float(relax),
+                   momentum=float(momentum))
     explained, reproduced, steps, M = (np.asarray(x) for x in out)
   return Explanation(explained=explained, reproduced=reproduced, steps=steps,
                      updates=M)
