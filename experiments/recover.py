@@ -43,26 +43,27 @@ _DTYPE_AWARE = flags.DEFINE_bool(
     "recovery on that dtype's grid (--nodtype_aware turns it off).")
 _GRID_RESTARTS = flags.DEFINE_integer(
     "grid_restarts", None, "Restarts of the dtype-aware grid step (default: "
-    "detune_jax.solvers.registry.GRID_RESTARTS, one). 0: about 0.5-0.8x "
-    "the time for 0.03-0.2 points fewer bit-exact weights on real "
-    "fine-tunes (docs/results.md).", lower_bound=0)
+    "detune_jax.solvers.registry.GRID_RESTARTS, one). 0: about 0.65-0.85x "
+    "the time for 0.02 points fewer bit-exact weights on real fine-tunes "
+    "(docs/results.md).", lower_bound=0)
 _GRID_STEPS = flags.DEFINE_integer(
     "grid_steps", None, "Alternations of the dtype-aware grid step per round "
-    "(default: detune_jax.solvers.registry.GRID_STEPS, 100). 1000: about 5x "
-    "the solver time for 0.1 points more bit-exact weights on real "
-    "fine-tunes (docs/results.md).", lower_bound=1)
+    "(default: detune_jax.solvers.registry.GRID_STEPS, 100). 1000: about 3x "
+    "the time for no gain in bit-exact weights on real fine-tunes "
+    "(docs/results.md).", lower_bound=1)
 _GRID_REDECODE = flags.DEFINE_integer(
     "grid_redecode_steps", None, "Projections of the dtype-aware grid step's "
     "re-reading of the entries in doubt (default: "
     "detune_jax.solvers.registry.GRID_REDECODE_STEPS, 300). 0: off, about "
-    "0.5-0.9x the time of auto for 0.3 points fewer bit-exact weights where "
-    "the updates have few parameters per weight (low rank on large layers), "
-    "0.02 on real MiniLM fine-tunes (docs/results.md).", lower_bound=0)
+    "0.3-0.5x the time of auto for 0.5-0.6 points fewer bit-exact weights "
+    "(real MiniLM fine-tunes, 1024x1024 r=8; docs/results.md).",
+    lower_bound=0)
 _GRID_MOMENTUM = flags.DEFINE_float(
     "grid_momentum", None, "Heavy-ball momentum of the dtype-aware grid "
     "step's projections, in [0, 1) (default: "
-    "detune_jax.solvers.grid.MOMENTUM, 0.9). 0: plain projections, at the "
-    "same cost for 0.1-1.1 points fewer bit-exact weights (docs/results.md).",
+    "detune_jax.solvers.grid.MOMENTUM, 0.9). 0: plain projections, up to "
+    "1/1.2 of the time for 0.1-1.1 points fewer bit-exact weights "
+    "(docs/results.md).",
     lower_bound=0.0)
 flags.register_validator("grid_momentum", lambda v: v is None or v < 1.0,
                          message="--grid_momentum must be below 1")

@@ -110,23 +110,26 @@ POLISH_STEPS = 1
 # grid step started from the true base; `auto` takes about 1.3x to 1.9x as
 # long (docs/results.md, "Bit-exact weights of bf16 releases"). A small
 # gain since the seventh session's alternation, kept: the most weights back
-# is what the tool is for.
+# is what the tool is for. With momentum (seventeenth session): 97.42% ->
+# 97.44% on the MiniLM fine-tunes, none at 1024x1024 r=8, for 1.2x to 1.5x
+# the time (docs/results.md, "Momentum in the grid step's projections").
 GRID_RESTARTS = 1
 
-# Alternations of the grid step per round. 1000 gain 0.12 points of
+# Alternations of the grid step per round. 1000 gained 0.12 points of
 # bit-exact weights on real MiniLM fine-tunes released in bf16 (n=3) for 5.0x
-# the time of `auto` (docs/results.md, "A longer grid alternation").
+# the time of `auto` (docs/results.md, "A longer grid alternation"); with
+# momentum, 0.004 points for about 3x ("Momentum in the grid step's
+# projections").
 GRID_STEPS = 100
 
 # Projections of the grid step's re-reading of the entries in doubt
-# (grid_refine's ``redecode_steps``; 0: off). Synthetic bf16 releases, n=3:
-# bit-exact weights 98.71% -> 99.04% at 1024x1024 r=8 and 98.51% -> 98.83%
-# at 2048x2048 r=16 (the share the true updates determine: 99.01%, 98.61%),
-# 98.48% -> 98.83% at 256x256 r=4; the same where the updates have more
-# parameters per weight (256x256 r=16; real MiniLM fine-tunes, r=16: 96.60%
-# -> 96.62%); `auto` takes 1.1x to 1.9x as long (docs/results.md,
-# "Re-reading the entries in doubt"). The most weights back is what the
-# tool is for.
+# (grid_refine's ``redecode_steps``; 0: off). With the grid step's momentum,
+# bf16 releases, n=3: bit-exact weights 98.71% -> 99.23% at 1024x1024 r=8
+# (the share the true updates determine: 99.01%) and 96.84% -> 97.44% on
+# real MiniLM fine-tunes (r=16), for 2x to 3x the time (docs/results.md,
+# "Momentum in the grid step's projections"; without momentum it gained
+# 0.02 on MiniLM, "Re-reading the entries in doubt"). The most weights back
+# is what the tool is for.
 GRID_REDECODE_STEPS = 300
 
 
