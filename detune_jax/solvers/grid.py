@@ -450,7 +450,8 @@ def grid_refine(W_primes, W0, rank: Rank, *, steps: int = 100,
       re-reading's fit), in ``[0, 1)``: each projects ``M + momentum (M -
       M_prev)``, not ``M``. Alternating projections between the box and
       the rank-``r_i`` matrices creep along the narrow region where both
-      nearly hold; the extrapolation gets them further at no extra cost.
+      nearly hold; the extrapolation gets them further, for one more pass
+      over the stack per projection (up to 1.2x the time).
       With the re-reading it gains most (bf16, n=3, bit-exact: 64x64 r=2
       98.1% -> 98.8%, 256x256 r=16 95.2% -> 96.3%, real MiniLM fine-tunes
       96.6% -> 97.4%; docs/results.md, "Momentum in the grid step's
@@ -604,8 +605,8 @@ def explain_releases(W_primes, W, rank: Rank, *, max_steps: int = 32000,
   r=16) the true base is explained within 250 projections on every layer
   and ``auto``'s output within 500. Over-relaxed by 1.9 without momentum
   (the default before the seventeenth session) the true base took up to
-  3750 and the grid step's output up to 27000 (docs/results.md, "Momentum
-  in the grid step's projections").
+  3750, and the eighth session's grid step's output up to 27000
+  (docs/results.md, "Momentum in the grid step's projections").
 
   Args:
     W_primes: ``[n, d, k]`` or ``[L, n, d, k]`` bfloat16/float16 releases.
