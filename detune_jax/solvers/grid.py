@@ -199,19 +199,25 @@ def _narrowed(lo, hi, fraction):
   return lo + margin, hi - margin
 
 
-def _extrapolated(steps, body, carry, beta: float):
-  """``fori_loop(0, steps, body, carry)`` whose body sees the carry's first
-  item (the ``M_i``) extrapolated as ``M + beta (M - M_prev)``: heavy-ball
-  momentum of a loop of projections (``beta`` 0: the plain loop)."""
-  if not beta:
-    return jax.lax.fori_loop(0, steps, body, carry)
-
+def _heavy_ball(body, beta: float):
+  """A ``fori_loop`` body over ``(carry, M_prev)`` that runs ``body`` with
+  the carry's first item (the ``M_i``) extrapolated as ``M + beta (M -
+  M_prev)``: heavy-ball momentum of a loop of projections."""
   def step(s, c):
     c, prev = c
     M = c[0]
     return body(s, (M + beta * (M - prev),) + tuple(c[1:])), M
 
-  return jax.lax.fori_loop(0, steps, step, (carry, carry[0]))[0]
+  return step
+
+
+def _extrapolated(steps, body, carry, beta: float):
+  """``fori_loop(0, steps, body, carry)`` with :func:`_heavy_ball` momentum
+  ``beta``, started afresh (``beta`` 0: the plain loop)."""
+  if not beta:
+    return jax.lax.fori_loop(0, steps, body, carry)
+  return jax.lax.fori_loop(0, steps, _heavy_ball(body, beta),
+                           (carry, carry[0]))[0]
 
 
 def _refine_layer(W_primes, W0, key, *, ranks, steps, estimator, oversample,
@@ -522,11 +528,10 @@ def _explain_layer(W_primes, lo, hi, W, key, start=None, *, ranks, max_steps,
   released = jax.lax.bitcast_convert_type(W_primes, nbits)
 
   def project(_, c):
-    M, V, prev = c
-    Y = M + momentum * (M - prev)
-    Z = Y + relax * (jnp.clip(Y, box_lo, box_hi) - Y)
+    M, V = c
+    Z = M + relax * (jnp.clip(M, box_lo, box_hi) - M)
     U, S, V = jax.vmap(lowrank.svd_subspace)(Z, V)
-    return truncate(U, S, V), V, M
+    return truncate(U, S, V), V
 
   # A released zero says |W + M_i| is below half the dtype's smallest
   # subnormal (4.6e-41 in bfloat16), which no float64 witness of weights
@@ -545,8 +550,11 @@ def _explain_layer(W_primes, lo, hi, W, key, start=None, *, ranks, max_steps,
     return jnp.sum(jnp.where(zero, jnp.abs(S) <= zero_tol, same))
 
   def body(c):
+    # The momentum carries on across checks (M_prev in the loop's state).
     steps, M, V, prev, _ = c
-    M, V, prev = jax.lax.fori_loop(0, check_every, project, (M, V, prev))
+    (M, V), prev = jax.lax.fori_loop(0, check_every,
+                                     _heavy_ball(project, momentum),
+                                     ((M, V), prev))
     return steps + check_every, M, V, prev, count(M)
 
   total = n * d * k
