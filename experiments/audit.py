@@ -17,7 +17,13 @@ Usage:
 Writes ``audit.json`` (per n, per layer and per solver; strict JSON, a
 non-finite figure is ``null``), ``audit.png`` and prints a table. Inputs are
 read as stored (a bf16 release is solved as bf16, with the dtype-aware
-refinement), with the reader and checks of ``experiments.recover``: HF
+refinement), or with ``--release_dtype=bfloat16`` (or ``float16``) rounded
+first as that release would be (base and fine-tunes on that dtype's grid):
+a publisher who holds float32 weights and plans to ship them in bf16 audits
+what ships. For low-precision releases the audit also gives the share of
+the base's weights that come back bit for bit (per solver, and for the best
+solver of each layer). The reader and checks are those of
+``experiments.recover``: HF
 directories (sharded ones too) or single ``.safetensors`` files; the LoRA
 layers are the float tensors of 2+ axes that differ among the models (conv
 kernels and 3-D tensors are solved as ``[d, prod(rest)]`` matrices). Bad
@@ -43,6 +49,7 @@ import numpy as np
 import detune_jax as dj
 from detune_jax.io.errors import BadInputError, parse_flags
 from detune_jax.io.progress import write_json_atomic
+from detune_jax.solvers import grid
 from detune_jax.solvers import registry
 from experiments import stacks
 
@@ -63,9 +70,15 @@ def define_flags():
   flags.DEFINE_list("solvers", ["mean_lora", "spectral_detuning", "closed_form",
                                 "auto"], "Solvers the attacker may use.")
   flags.DEFINE_integer("seed", 0, "Seed of the subsets and solvers.")
+  flags.DEFINE_enum("release_dtype", "stored", list(RELEASE_DTYPES),
+                    "Audit the models as stored, or rounded (base and "
+                    "fine-tunes) as a release in this dtype would be.")
 
 
 DEFAULT_MARGIN = 3.0
+# "stored": as the files hold them; else the release dtype they are rounded
+# to (experiments.stacks.release).
+RELEASE_DTYPES = ("stored", "bfloat16", "float16")
 
 
 def _subsets(num_models: int, n: int, count: int, seed: int):
@@ -83,7 +96,8 @@ def _subsets(num_models: int, n: int, count: int, seed: int):
 def audit(base: str, models, *, rank: int = 16, steps: int = 300,
           subsets: int = 1, solvers=("mean_lora", "spectral_detuning",
                                      "closed_form", "auto"),
-          threshold=None, seed: int = 0, log=print):
+          threshold=None, seed: int = 0, release_dtype: str = "stored",
+          log=print):
   """Recovery of ``base`` from every number of the ``models``.
 
   Args:
@@ -96,13 +110,20 @@ def audit(base: str, models, *, rank: int = 16, steps: int = 300,
     threshold: W-Error at or below which the base counts as leaked; default
       :data:`DEFAULT_MARGIN` decades below the released models' own W-Error.
     seed: seed of subsets and solvers.
+    release_dtype: ``"stored"`` (the files as they are), or ``"bfloat16"``
+      / ``"float16"``: base and fine-tunes rounded as a release in that
+      dtype would be (:func:`experiments.stacks.release`).
     log: progress printer.
 
   Returns:
     A dict: ``layers`` (names), ``lora_ft`` (released models' W-Error),
-    ``threshold``, ``per_n`` (a list of ``{n, subset, overall, per_layer,
-    per_solver, best_solver, seconds}``), ``leak_n`` (smallest n at or below
-    the threshold, or None) and ``layer_leak_n``.
+    ``threshold``, ``release_dtype``, ``low_precision`` (the audited
+    weights are bf16/fp16), ``per_n`` (a list of ``{n, subset, overall,
+    per_layer, per_solver, best_solver, seconds}``, and for low-precision
+    releases ``bit_exact``, the share of the base's weights that the best
+    solver of each layer recovers bit for bit, and ``bit_exact_per_solver``),
+    ``leak_n`` (smallest n at or below the threshold, or None) and
+    ``layer_leak_n``.
 
   Raises:
     BadInputError: bad settings or input files (see the module docstring).
@@ -115,7 +136,12 @@ def audit(base: str, models, *, rank: int = 16, steps: int = 300,
   for flag, value in (("--steps", steps), ("--subsets", subsets)):
     if value < 1:
       raise BadInputError(flag, f"must be >= 1, got {value}")
-  groups = stacks.real_stacks(base, models, dtype="stored", rank=rank)
+  if release_dtype not in RELEASE_DTYPES:
+    raise BadInputError("--release_dtype", f"must be one of {RELEASE_DTYPES}, "
+                        f"got {release_dtype!r}")
+  groups = stacks.real_stacks(base, models, dtype=release_dtype, rank=rank)
+  low = any(grid.low_precision_dtype(Wp) is not None
+            for _, _, Wp in groups.values())
   layer_names = [nm for g in groups.values() for nm in g[0]]
   W_true = {}
   lora_ft = []
@@ -125,15 +151,16 @@ def audit(base: str, models, *, rank: int = 16, steps: int = 300,
       lora_ft.append(float(dj.lora_ft_w_error(jnp.asarray(Wp[l], jnp.float32),
                                               jnp.asarray(W[l], jnp.float32))))
   lora_ft_mean = float(np.mean(lora_ft))
+  weights = sum(W.size for _, W, _ in groups.values())
   if threshold is None:
     threshold = lora_ft_mean - DEFAULT_MARGIN
   per_n = []
   for n in range(2, len(models) + 1):
     for subset in _subsets(len(models), n, subsets, seed):
       t0 = time.perf_counter()
-      errs = {}
+      errs, exact = {}, {}
       for solver in solvers:
-        errs[solver] = {}
+        errs[solver], exact[solver] = {}, {}
         for group, W, Wp in groups.values():
           try:
             Wr, _ = registry.solve(jnp.asarray(Wp[:, list(subset)]), rank,
@@ -144,6 +171,9 @@ def audit(base: str, models, *, rank: int = 16, steps: int = 300,
             break
           e_l = dj.layer_w_errors(Wr, jnp.asarray(W, jnp.float32))
           errs[solver].update(zip(group, [float(x) for x in e_l]))
+          if low:  # matching weights per layer (rounded as released)
+            same = grid.bit_exact_mask(Wr, jnp.asarray(W)).sum(axis=(-2, -1))
+            exact[solver].update(zip(group, [int(x) for x in same]))
       if not errs:
         log(f"n={n} subset={list(subset)}: no solver applies")
         continue
@@ -156,8 +186,14 @@ def audit(base: str, models, *, rank: int = 16, steps: int = 300,
                  per_solver={s: float(np.mean(list(v.values())))
                              for s, v in errs.items()},
                  seconds=time.perf_counter() - t0)
+      if low:
+        row["bit_exact"] = sum(exact[best[nm]][nm]
+                               for nm in layer_names) / weights
+        row["bit_exact_per_solver"] = {s: sum(exact[s].values()) / weights
+                                       for s in errs}
       log(f"n={n} subset={list(subset)} overall={row['overall']:.2f} " +
-          " ".join(f"{s}={v:.2f}" for s, v in row["per_solver"].items()))
+          " ".join(f"{s}={v:.2f}" for s, v in row["per_solver"].items()) +
+          (f" bit-exact={100 * row['bit_exact']:.1f}%" if low else ""))
       per_n.append(row)
   worst = {}
   for row in per_n:  # over subsets of one size, the worst case for the defender
@@ -170,19 +206,29 @@ def audit(base: str, models, *, rank: int = 16, steps: int = 300,
                              if row["per_layer"][nm] <= threshold), None)
   return dict(layers=layer_names, lora_ft=lora_ft_mean, threshold=threshold,
               per_n=per_n, leak_n=leak_n, layer_leak_n=layer_leak_n,
-              models=models, base=base)
+              models=models, base=base, release_dtype=release_dtype,
+              low_precision=low)
 
 
 def table(result) -> str:
-  """Markdown table: n, overall best W-Error, per solver, leaked?"""
+  """Markdown table: n, overall best W-Error, per solver, leaked? For a
+  low-precision release the W-Errors carry the bit-exact share in
+  brackets."""
   solvers = sorted({s for r in result["per_n"] for s in r["per_solver"]})
+
+  def cell(r, err, key, s=None):
+    exact = r.get(key) if s is None else r.get(key, {}).get(s)
+    return f"{err:.2f}" + ("" if exact is None else
+                           f" ({100 * exact:.1f}%)")
+
   lines = ["| n | subset | best W-Error | " + " | ".join(solvers) +
            " | leaked |", "|---|---|---|" + "---|" * len(solvers) + "---|"]
   for r in result["per_n"]:
-    cells = [f"{r['per_solver'][s]:.2f}" if s in r["per_solver"] else "—"
-             for s in solvers]
+    cells = [cell(r, r["per_solver"][s], "bit_exact_per_solver", s)
+             if s in r["per_solver"] else "—" for s in solvers]
     leaked = "yes" if r["overall"] <= result["threshold"] else "no"
-    lines.append(f"| {r['n']} | {r['subset']} | {r['overall']:.2f} | " +
+    lines.append(f"| {r['n']} | {r['subset']} | "
+                 f"{cell(r, r['overall'], 'bit_exact')} | " +
                  " | ".join(cells) + f" | {leaked} |")
   return "\n".join(lines)
 
@@ -249,7 +295,7 @@ def main(argv):
     result = audit(FLAGS.base, FLAGS.models or [], rank=FLAGS.rank,
                    steps=FLAGS.steps, subsets=FLAGS.subsets,
                    solvers=FLAGS.solvers, threshold=FLAGS.threshold,
-                   seed=FLAGS.seed)
+                   seed=FLAGS.seed, release_dtype=FLAGS.release_dtype)
   except BadInputError as e:
     sys.stderr.write(f"error: {e}\n")
     sys.stderr.flush()
@@ -260,6 +306,10 @@ def main(argv):
         f"threshold {result['threshold']:.2f}")
   print("the base leaks from n = " + str(leak) if leak else
         f"the base does not leak with up to {len(FLAGS.models)} models")
+  if result["low_precision"]:
+    print("in brackets: the share of the base's weights recovered bit for "
+          "bit" + ("" if FLAGS.release_dtype == "stored" else
+                   f" from the {FLAGS.release_dtype} release"))
   if FLAGS.out:
     try:
       write_json(result, FLAGS.out)
