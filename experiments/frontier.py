@@ -7,7 +7,7 @@ n >= 3), the closed form refined by spectral_detuning, and the default
 
 * ``gaussian``: synthetic Gaussian LoRAs (float32);
 * ``correlated``: synthetic LoRAs whose factors share directions;
-* ``gaussian_bf16``: synthetic Gaussian LoRAs released in bfloat16;
+* ``gaussian_bf16`` / ``correlated_bf16``: those released in bfloat16;
 * ``minilm`` / ``minilm_bf16``: real LoRA fine-tunes of all-MiniLM-L6-v2
   (``experiments.build_minilm_finetunes``), merged in float32 or released in
   bfloat16.
@@ -60,11 +60,16 @@ def define_flags():
 
 METHODS = ("mean_lora", "spectral_detuning", "closed_form",
            "closed_form+refine", "auto")
+SCENARIOS = ("gaussian", "correlated", "gaussian_bf16", "correlated_bf16",
+             "minilm", "minilm_bf16")
 
 
 def scenario_stack(name: str, n: int, *, dim: int, rank: int, layers: int,
                    shared: float, minilm_dir: str):
   """``(W_true [L, d, k], W_primes [L, n, d, k])`` of a scenario."""
+  if name not in SCENARIOS:
+    raise ValueError(f"unknown scenario {name!r}; expected one of "
+                     f"{list(SCENARIOS)}")
   if name.startswith("minilm"):
     root = os.path.expanduser(minilm_dir)
     models = sorted(glob.glob(os.path.join(root, "ft*")))
@@ -179,6 +184,10 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"unknown --methods {unknown}; expected some of "
                          f"{list(METHODS)}")
+  unknown = sorted(set(FLAGS.scenarios) - set(SCENARIOS))
+  if unknown:
+    raise app.UsageError(f"unknown --scenarios {unknown}; expected some of "
+                         f"{list(SCENARIOS)}")
   os.makedirs(FLAGS.out, exist_ok=True)
   ns = [int(n) for n in FLAGS.ns]
   rows = []
