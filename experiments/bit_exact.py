@@ -106,6 +106,10 @@ def define_flags():
                     "grid_refine's momentum for the auto rows (0: plain "
                     "projections, the grid step before the seventeenth "
                     "session), as --grid_snap_from; rows e.g. 'auto+mom0'.")
+  flags.DEFINE_list("grid_free_steps", [str(grid.FREE_STEPS)],
+                    "grid_refine's free_steps for the auto rows (0: no free "
+                    "projections before the alternation), as "
+                    "--grid_snap_from; rows e.g. 'auto+free0'.")
   flags.DEFINE_string("minilm_dir", os.path.join("~", ".cache", "detune_jax",
                                                  "minilm_finetunes"),
                       "Cache of the MiniLM fine-tunes.")
@@ -160,7 +164,8 @@ def _stack(n: int):
 
 def _auto_name(restarts: int, snap_from: float, shrink: float,
                redecode: int = registry.GRID_REDECODE_STEPS,
-               momentum: float = grid.MOMENTUM) -> str:
+               momentum: float = grid.MOMENTUM,
+               free_steps: int = grid.FREE_STEPS) -> str:
   """'auto', with a suffix for each grid setting off the default."""
   name = "auto"
   if restarts != registry.GRID_RESTARTS:
@@ -173,6 +178,8 @@ def _auto_name(restarts: int, snap_from: float, shrink: float,
     name += f"+redecode{redecode}"
   if momentum != grid.MOMENTUM:
     name += f"+mom{momentum:g}"
+  if free_steps != grid.FREE_STEPS:
+    name += f"+free{free_steps}"
   return name
 
 
@@ -409,19 +416,21 @@ def main(argv: Sequence[str]) -> None:
     raw, _ = registry.solve(Wp, FLAGS.rank, solver="closed_form",
                             dtype_aware=False)
     autos = []
-    for r, sf, sh, rd, mo in itertools.product(
+    for r, sf, sh, rd, mo, fr in itertools.product(
         [int(x) for x in FLAGS.grid_restarts],
         [float(x) for x in FLAGS.grid_snap_from],
         [float(x) for x in FLAGS.grid_shrink],
         [int(x) for x in FLAGS.grid_redecode_steps],
-        [float(x) for x in FLAGS.grid_momentum]):
+        [float(x) for x in FLAGS.grid_momentum],
+        [int(x) for x in FLAGS.grid_free_steps]):
       start = time.perf_counter()
       W_a, _ = registry.solve(Wp, FLAGS.rank, solver="auto",
                               grid_steps=FLAGS.grid_steps, grid_restarts=r,
                               grid_snap_from=sf, grid_shrink=sh,
-                              grid_redecode_steps=rd, grid_momentum=mo)
+                              grid_redecode_steps=rd, grid_momentum=mo,
+                              grid_free_steps=fr)
       W_a = np.asarray(W_a)
-      autos.append((_auto_name(r, sf, sh, rd, mo), W_a,
+      autos.append((_auto_name(r, sf, sh, rd, mo, fr), W_a,
                     time.perf_counter() - start))
     oracle, _ = dj.grid_refine(Wp, jnp.asarray(W_true, jnp.float32),
                                FLAGS.rank, steps=FLAGS.grid_steps)

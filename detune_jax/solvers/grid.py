@@ -42,6 +42,9 @@ CHECK_STEPS = 100
 # (grid_refine's ``momentum``; docs/results.md, "Momentum in the grid step's
 # projections").
 MOMENTUM = 0.9
+# Projections of the updates alone before the grid step's alternation
+# (grid_refine's ``free_steps``).
+FREE_STEPS = 100
 # explain_releases' projections: heavy-ball momentum, no over-relaxation
 # (before the seventeenth session: relax 1.9, no momentum; docs/results.md,
 # "Momentum in the grid step's projections").
@@ -379,7 +382,7 @@ def _checked_releases(W_primes, rank: Rank, caller: str):
 
 def grid_refine(W_primes, W0, rank: Rank, *, steps: int = 100,
                 estimator: str = "midrange", seed: int = 0,
-                oversample: int = 0, free_steps: int = 100,
+                oversample: int = 0, free_steps: int = FREE_STEPS,
                 restarts: int = 0, snap_from: float = SNAP_FROM,
                 shrink: float = SHRINK, redecode_steps: int = 0,
                 check_steps: int = CHECK_STEPS, momentum: float = MOMENTUM):

@@ -59,8 +59,9 @@ def solve(W_primes, rank, *, solver: str = "spectral_detuning", steps: int = 300
       ``grid_steps`` (default :data:`GRID_STEPS`), ``grid_restarts``
       (default :data:`GRID_RESTARTS`), ``grid_redecode_steps`` (default
       :data:`GRID_REDECODE_STEPS`; 0: off),
-      ``grid_snap_from``, ``grid_shrink`` and ``grid_momentum``
-      (``grid_refine``'s ``snap_from``, ``shrink`` and ``momentum``; see
+      ``grid_snap_from``, ``grid_shrink``, ``grid_momentum`` and
+      ``grid_free_steps`` (``grid_refine``'s ``snap_from``, ``shrink``,
+      ``momentum`` and ``free_steps``; see
       :func:`detune_jax.solvers.grid.grid_refine`).
 
   Returns:
@@ -147,7 +148,7 @@ def _dtype_aware(W_primes, W, diag, rank, options, seed):
   grid_redecode = options.pop("grid_redecode_steps", GRID_REDECODE_STEPS)
   # Left to grid_refine's own defaults unless given.
   tuning = {name: options.pop("grid_" + name)
-            for name in ("snap_from", "shrink", "momentum")
+            for name in ("snap_from", "shrink", "momentum", "free_steps")
             if "grid_" + name in options}
   low = _grid.low_precision_dtype(W_primes)
   if input_dtype is not None and low is None:
@@ -170,7 +171,7 @@ def _dtype_aware(W_primes, W, diag, rank, options, seed):
 # Options of the dtype-aware step that every solver but mean_lora takes.
 GRID_OPTIONS = ("dtype_aware", "input_dtype", "grid_steps", "grid_restarts",
                 "grid_snap_from", "grid_shrink", "grid_redecode_steps",
-                "grid_momentum")
+                "grid_momentum", "grid_free_steps")
 
 
 def _pop_grid_options(options):
