@@ -99,7 +99,7 @@ class RecoverConfig:
       Spectral DeTuning otherwise.
     solver_options: extra keyword arguments of the solver, and of the
       dtype-aware step (``grid_restarts``, ``grid_steps``,
-      ``grid_redecode_steps``, ``grid_momentum``; see
+      ``grid_redecode_steps``, ``grid_momentum``, ``grid_free_steps``; see
       :func:`detune_jax.solvers.registry.solve`).
     dtype_aware: for layers released in bfloat16/float16, refine the
       recovery on that dtype's grid (the base was released on it too).
@@ -114,6 +114,16 @@ class RecoverConfig:
       or an int (as str); see the module docstring.
     max_rank: largest per-LoRA rank ``rank="auto"`` considers.
     plots: also write PNG plots.
+    explain_steps: 0, or check each bf16/fp16 layer's output against the
+      releases: :func:`detune_jax.explain_releases` with this many
+      projections at most looks for rank-``r_i`` updates with which the
+      recovered weights reproduce every released value bit for bit. Found,
+      the releases are exactly consistent with the output: no method that
+      reads only them can tell it from the true base, so every weight it
+      gets wrong is one they leave open. No ground truth is needed; the
+      report gives per layer ``explained`` and ``reproduced_fraction``
+      (the share of released values reproduced) and an ``explain``
+      summary.
   """
   models: Tuple[str, ...] = ()
   output_dir: str = ""
@@ -132,6 +142,7 @@ class RecoverConfig:
   ambiguous_rank: str = "consistent"
   max_rank: int = 256
   plots: bool = False
+  explain_steps: int = 0
 
 
 class TensorPlan(NamedTuple):
@@ -304,7 +315,10 @@ def run_fingerprint(config: RecoverConfig, inputs: Inputs) -> str:
       "solver": config.solver, "solver_options": list(config.solver_options),
       "dtype_aware": config.dtype_aware, "max_memory_gb": config.max_memory_gb,
       "ambiguous_rank": str(config.ambiguous_rank),
-      "max_rank": config.max_rank})
+      "max_rank": config.max_rank,
+      # Only when on, so that earlier runs keep their fingerprint.
+      **({"explain_steps": config.explain_steps}
+         if config.explain_steps else {})})
 
 
 def check_writable(out_dir: str):
@@ -566,7 +580,9 @@ def solve_group(group: Group, inputs: Inputs, plans: Dict[str, TensorPlan],
     The checkpoint tree: ``W_<l>`` (recovered, in the layer's dtype),
     ``loss`` ``[L, steps]``, ``steps`` ``[L]``, ``final_rank`` ``[L, n]``,
     ``final_loss`` ``[L]``, ``w_error`` / ``mean_lora_w_error`` ``[L]``
-    (nan without ground truth) and ``seconds``.
+    (nan without ground truth), ``seconds``, and with
+    ``config.explain_steps`` ``explained`` ``[L]`` (1, 0, or -1 where the
+    layer is not bf16/fp16) and ``reproduced`` ``[L]`` (nan there).
   """
   t0 = time.time()
   d, k = group.matrix_shape
@@ -598,12 +614,22 @@ def solve_group(group: Group, inputs: Inputs, plans: Dict[str, TensorPlan],
   w_err = np.full(L, np.nan, np.float32)
   mean_err = np.full(L, np.nan, np.float32)
   exact = np.full(L, np.nan, np.float32)
+  explained = np.full(L, -1, np.int32)
+  reproduced = np.full(L, np.nan, np.float64)
   gt = inputs.ground_truth
   for l, name in enumerate(group.names):
     p = plans[name]
     dtype = DTYPES[p.dtype]
     out = W[l].reshape(p.shape).astype(dtype)
     tree[f"W_{l}"] = out
+    if config.explain_steps and p.dtype in ("BF16", "F16"):
+      # The output as written, against the releases as read (one layer at a
+      # time: the search holds float64 copies of the layer's stack).
+      ex = grid.explain_releases(stack[l].astype(dtype), out.reshape(d, k),
+                                 rank_arg, max_steps=config.explain_steps,
+                                 seed=config.seed)
+      explained[l] = int(ex.explained)
+      reproduced[l] = float(ex.reproduced)
     if gt is not None:
       raw = np.asarray(gt.read(name))
       truth = raw.astype(np.float32).reshape(d, k)
@@ -619,6 +645,8 @@ def solve_group(group: Group, inputs: Inputs, plans: Dict[str, TensorPlan],
       final_loss=np.asarray(diag.final_loss, np.float32).reshape(L),
       w_error=w_err, mean_lora_w_error=mean_err, bit_exact_fraction=exact,
       seconds=np.asarray(time.time() - t0, np.float64))
+  if config.explain_steps:
+    tree.update(explained=explained, reproduced=reproduced)
   return tree
 
 
@@ -696,6 +724,9 @@ def assemble(out_dir: str, inputs: Inputs, plans: List[TensorPlan],
           entry["w_error"] = _num(tree["w_error"][l])
           entry["mean_lora_w_error"] = _num(tree["mean_lora_w_error"][l])
           entry["bit_exact_fraction"] = _num(tree["bit_exact_fraction"][l])
+        if "explained" in tree and int(tree["explained"][l]) >= 0:
+          entry["explained"] = bool(tree["explained"][l])
+          entry["reproduced_fraction"] = _num(tree["reproduced"][l])
         layers[name] = entry
     for w in writers.values():
       w.commit()
@@ -897,6 +928,15 @@ def _report(config, inputs, fp, plans, groups, layers, averaged, files,
           if l.get("bit_exact_fraction") is not None]
     report["bit_exact_fraction"] = (
         sum(f * c for f, c in ex) / sum(c for _, c in ex) if ex else None)
+  if config.explain_steps:
+    # Over the bf16/fp16 layers (reproduced: weighted by their entries).
+    ex = [(l["explained"], l["reproduced_fraction"], math.prod(l["shape"]))
+          for l in layers if "explained" in l]
+    report["explain"] = {
+        "steps": config.explain_steps, "layers": len(ex),
+        "explained_layers": sum(e for e, _, _ in ex),
+        "reproduced_fraction": (sum(r * c for _, r, c in ex) /
+                                sum(c for _, _, c in ex) if ex else None)}
   report["averaged"] = averaged
   report["layers"] = layers
   return report

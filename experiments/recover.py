@@ -67,6 +67,14 @@ _GRID_MOMENTUM = flags.DEFINE_float(
     lower_bound=0.0)
 flags.register_validator("grid_momentum", lambda v: v is None or v < 1.0,
                          message="--grid_momentum must be below 1")
+_EXPLAIN_STEPS = flags.DEFINE_integer(
+    "explain_steps", 0, "0, or check each bf16/fp16 layer's output against "
+    "the releases, with no ground truth: look (at most this many "
+    "projections, e.g. 2000) for rank-r updates with which the output "
+    "reproduces every released value bit for bit. Found, the releases are "
+    "exactly consistent with the output, and every weight it gets wrong is "
+    "one they leave open. The report gives per layer 'explained' and "
+    "'reproduced_fraction' (detune_jax.explain_releases).", lower_bound=0)
 _MAX_MEMORY_GB = flags.DEFINE_float("max_memory_gb", 4.0, "Memory budget of "
                                     "one batch of same-shape layers.")
 _GROUND_TRUTH = flags.DEFINE_string("ground_truth", None, "True base model, "
@@ -108,6 +116,14 @@ def _summary(report):
     print(f"W-Error: {report['solver']} {report['w_error']:.2f}  "
           f"Mean-LoRA {report['mean_lora_w_error']:.2f}  bit-exact weights "
           f"{100 * report['bit_exact_fraction']:.1f}%")
+  ex = report.get("explain")
+  if ex and not ex["layers"]:
+    print("explained by the releases: no bf16/fp16 layer to check")
+  elif ex:
+    print(f"explained by the releases: {ex['explained_layers']} of "
+          f"{ex['layers']} bf16/fp16 layers ({ex['steps']} projections at "
+          f"most; released values reproduced: "
+          f"{100 * ex['reproduced_fraction']:.3f}%)")
 
 
 def main(argv):
@@ -122,7 +138,8 @@ def main(argv):
     options = dict(rank=_RANK.value, steps=_STEPS.value, seed=_SEED.value,
                    solver=_SOLVER.value, max_memory_gb=_MAX_MEMORY_GB.value,
                    ambiguous_rank=_AMBIGUOUS.value, plots=_PLOTS.value,
-                   dtype_aware=_DTYPE_AWARE.value)
+                   dtype_aware=_DTYPE_AWARE.value,
+                   explain_steps=_EXPLAIN_STEPS.value)
     grid_options = tuple((name, flag.value) for name, flag in (
         ("grid_restarts", _GRID_RESTARTS), ("grid_steps", _GRID_STEPS),
         ("grid_redecode_steps", _GRID_REDECODE),
@@ -145,7 +162,8 @@ def main(argv):
                              max_memory_gb=_MAX_MEMORY_GB.value,
                              solver=_SOLVER.value,
                              dtype_aware=_DTYPE_AWARE.value,
-                             solver_options=options.get("solver_options", ()))
+                             solver_options=options.get("solver_options", ()),
+                             explain_steps=_EXPLAIN_STEPS.value)
       _summary(report)
       return 0
     try:
