@@ -110,6 +110,22 @@ def test_frontier_minilm_needs_the_builder():
                             minilm_dir="/nonexistent")
 
 
+def test_frontier_scenarios_are_checked():
+  kw = dict(dim=16, rank=2, layers=1, shared=0.5, minilm_dir="/nonexistent")
+  W, Wp = frontier.scenario_stack("correlated_bf16", 3, **kw)
+  W32, Wp32 = frontier.scenario_stack("correlated", 3, **kw)
+  assert Wp.dtype == stacks.NP_DTYPES["bfloat16"] and Wp.shape == (1, 3, 16, 16)
+  # The same correlated stack, rounded as a bf16 release.
+  np.testing.assert_allclose(np.asarray(Wp, np.float32), Wp32, atol=1e-3)
+  with pytest.raises(ValueError, match="unknown scenario 'gausian'"):
+    frontier.scenario_stack("gausian", 3, **kw)
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.frontier", "--scenarios=gausian",
+       "--out=/nonexistent/frontier"], capture_output=True, text=True,
+      timeout=300, cwd=ROOT)
+  assert proc.returncode != 0 and "unknown --scenarios" in proc.stderr
+
+
 # ---------------------------------------------------- odd shapes, bad input
 
 class _Evil:
@@ -325,3 +341,47 @@ def test_audit_json_is_strict(tmp_path):
   assert got["per_n"][0]["per_layer"]["a.weight"] is None
   assert got["per_n"][0]["overall"] is None
   assert got["layers"] == res["layers"]
+
+
+def test_audit_release_dtype_rounds_and_counts_bit_exact(tmp_path):
+  """--release_dtype=bfloat16 audits float32 files as their bf16 release:
+  the same W-Errors as the bf16 files themselves, and the share of the
+  base's weights recovered bit for bit, per solver and for the best."""
+  base, models = make_models(tmp_path, n=3)
+  kw = dict(rank=3, threshold=-8.0, solvers=("mean_lora", "auto"),
+            log=lambda *_: None)
+  stored = audit.audit(base, models, **kw)
+  assert not stored["low_precision"]
+  assert all("bit_exact" not in r for r in stored["per_n"])
+  res = audit.audit(base, models, release_dtype="bfloat16", **kw)
+  assert res["low_precision"] and res["release_dtype"] == "bfloat16"
+  by_n = {r["n"]: r for r in res["per_n"]}
+  exact = by_n[3]["bit_exact_per_solver"]
+  # The grid step of auto: most weights bit for bit from 3 bf16 releases;
+  # Mean-LoRA rounded to the grid gets few.
+  assert exact["auto"] >= 0.9 and exact["mean_lora"] <= 0.2
+  assert set(by_n[3]["best_solver"].values()) == {"auto"}
+  assert by_n[3]["bit_exact"] == exact["auto"]
+  assert res["leak_n"] == 3
+  # Rounded as a bf16 release: the same as auditing the bf16 files.
+  bf16_dir = tmp_path / "bf16"
+  bf16_dir.mkdir()
+  base16, models16 = make_models(bf16_dir, n=3, dtype="bfloat16")
+  files = audit.audit(base16, models16, **kw)
+  assert files["low_precision"]
+  for a, b in zip(res["per_n"], files["per_n"]):
+    assert abs(a["overall"] - b["overall"]) < 0.05
+    assert abs(a["bit_exact"] - b["bit_exact"]) < 0.01
+  md = audit.table(res)
+  assert f"({100 * exact['auto']:.1f}%)" in md
+
+
+def test_audit_binary_bad_release_dtype_exits_2(tmp_path):
+  base, models = make_models(tmp_path, n=2)
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.audit", f"--base={base}",
+       "--models=" + ",".join(models), "--release_dtype=int8"],
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "release_dtype" in lines[0], proc.stderr

@@ -275,7 +275,8 @@ def test_grid_options_reach_the_grid_step(tmp_path, monkeypatch):
   def spy(*args, **kwargs):
     seen.append((kwargs["restarts"], kwargs["steps"],
                  kwargs["redecode_steps"],
-                 kwargs.get("momentum", grid.MOMENTUM)))
+                 kwargs.get("momentum", grid.MOMENTUM),
+                 kwargs.get("free_steps", grid.FREE_STEPS)))
     return real(*args, **kwargs)
 
   monkeypatch.setattr(grid, "grid_refine", spy)
@@ -283,18 +284,19 @@ def test_grid_options_reach_the_grid_step(tmp_path, monkeypatch):
                              progress_bar=False)
   assert seen and set(seen) == {(registry.GRID_RESTARTS, registry.GRID_STEPS,
                                   registry.GRID_REDECODE_STEPS,
-                                  grid.MOMENTUM)}
+                                  grid.MOMENTUM, grid.FREE_STEPS)}
   seen.clear()
   options = (("grid_restarts", 0), ("grid_steps", 7),
-             ("grid_redecode_steps", 0), ("grid_momentum", 0.5))
+             ("grid_redecode_steps", 0), ("grid_momentum", 0.5),
+             ("grid_free_steps", 3))
   off = pipeline.recover(_config(models, tmp_path / "b",
                                  solver_options=options),
                          progress_bar=False)
-  assert seen and set(seen) == {(0, 7, 0, 0.5)}
+  assert seen and set(seen) == {(0, 7, 0, 0.5, 3)}
   assert default["solver_options"] == {}
   assert off["solver_options"] == {"grid_restarts": 0, "grid_steps": 7,
                                    "grid_redecode_steps": 0,
-                                   "grid_momentum": 0.5}
+                                   "grid_momentum": 0.5, "grid_free_steps": 3}
 
 
 def test_iterative_solver_reports_its_steps_and_loss_curve(tiny_models,
@@ -480,3 +482,47 @@ def test_identical_models_warn_that_nothing_differs(tiny_models, tmp_path,
                             progress_bar=False)
   assert report["n_solved"] == 0 and report["n_averaged"] == 0
   assert "no float tensor differs between the 3 models" in caplog.text
+
+
+def test_explain_steps_checks_the_output_against_the_releases(tmp_path,
+                                                             tiny_models):
+  from detune_jax.solvers import grid
+  models, base = make_tiny(tmp_path / "m", dtype=ml_dtypes.bfloat16)
+  cfg = _config(models, tmp_path / "auto", explain_steps=4000)
+  auto = pipeline.recover(cfg, progress_bar=False)
+  mean = pipeline.recover(_config(models, tmp_path / "mean",
+                                  solver="mean_lora", explain_steps=500),
+                          progress_bar=False)
+  for report in (auto, mean):
+    ex = report["explain"]
+    assert ex["layers"] == report["n_solved"] > 0
+    assert ex["explained_layers"] == sum(l["explained"]
+                                         for l in report["layers"])
+  # auto's output is explained by the releases (no ground truth read); the
+  # Mean-LoRA average is not.
+  assert auto["explain"]["explained_layers"] == auto["n_solved"]
+  assert auto["explain"]["reproduced_fraction"] == 1.0
+  assert mean["explain"]["explained_layers"] == 0
+  assert mean["explain"]["reproduced_fraction"] < 0.9
+  # The flags are explain_releases' on the written output and the inputs.
+  layer = auto["layers"][0]
+  out = ModelFiles(str(tmp_path / "auto")).read(layer["name"])
+  stack = np.stack([ModelFiles(m).read(layer["name"]) for m in models])
+  d, k = layer["matrix_shape"]
+  direct = grid.explain_releases(stack.reshape(-1, d, k),
+                                 np.asarray(out, np.float32).reshape(d, k),
+                                 tuple(layer["ranks"]), max_steps=4000)
+  assert bool(direct.explained) == layer["explained"]
+  assert float(direct.reproduced) == layer["reproduced_fraction"]
+  # Off by default, and part of the run's fingerprint only when on.
+  plain = pipeline.recover(_config(models, tmp_path / "plain"),
+                           progress_bar=False)
+  assert "explain" not in plain and "explained" not in plain["layers"][0]
+  inputs = pipeline.open_inputs(cfg)
+  assert (pipeline.run_fingerprint(_config(models, "x"), inputs) !=
+          pipeline.run_fingerprint(cfg, inputs))
+  # float32 releases: nothing to check.
+  f32 = pipeline.recover(_config(tiny_models[0], tmp_path / "f32",
+                                 explain_steps=100), progress_bar=False)
+  assert f32["explain"]["layers"] == 0
+  assert f32["explain"]["reproduced_fraction"] is None

@@ -223,15 +223,20 @@ def test_grid_flags(tmp_path):
   out = tmp_path / "out"
   res = _run(f"--models={','.join(models)}", f"--output_dir={out}",
              f"--steps={STEPS}", "--grid_restarts=0", "--grid_steps=7",
-             "--grid_redecode_steps=0", "--grid_momentum=0")
+             "--grid_redecode_steps=0", "--grid_momentum=0",
+             "--explain_steps=2000")
   assert res.returncode == 0, res.stderr[-2000:]
   report = json.loads((out / pipeline.REPORT_FILE).read_text())
+  ex = report["explain"]
+  assert ex["steps"] == 2000 and ex["layers"] == report["n_solved"]
+  assert (f"explained by the releases: {ex['explained_layers']} of "
+          f"{ex['layers']} bf16/fp16 layers") in res.stdout
   assert report["solver_options"] == {"grid_restarts": 0, "grid_steps": 7,
                                       "grid_redecode_steps": 0,
                                       "grid_momentum": 0.0}
   for bad_flag in ("--grid_restarts=-1", "--grid_steps=0",
                    "--grid_redecode_steps=-1", "--grid_momentum=1",
-                   "--grid_momentum=-0.5"):
+                   "--grid_momentum=-0.5", "--explain_steps=-1"):
     bad = _run(f"--models={','.join(models)}",
                f"--output_dir={tmp_path / 'x'}", bad_flag)
     # A bad flag is bad input: exit 2 and one line naming it.
