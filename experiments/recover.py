@@ -124,6 +124,12 @@ def _summary(report):
           f"{ex['layers']} bf16/fp16 layers ({ex['steps']} projections at "
           f"most; released values reproduced: "
           f"{100 * ex['reproduced_fraction']:.3f}%)")
+    missed = [l["name"] for l in report["layers"]
+              if l.get("explained") is False]
+    if missed:
+      more = f" and {len(missed) - 5} more" if len(missed) > 5 else ""
+      print("not explained (the output may get weights wrong that the "
+            "releases determine): " + ", ".join(missed[:5]) + more)
 
 
 def main(argv):

@@ -231,6 +231,15 @@ def test_grid_flags(tmp_path):
   assert ex["steps"] == 2000 and ex["layers"] == report["n_solved"]
   assert (f"explained by the releases: {ex['explained_layers']} of "
           f"{ex['layers']} bf16/fp16 layers") in res.stdout
+  # The Mean-LoRA average is explained on no layer: the run names them.
+  mean = _run(f"--models={','.join(models)}", f"--output_dir={tmp_path / 'm'}",
+              "--solver=mean_lora", "--explain_steps=250")
+  assert mean.returncode == 0, mean.stderr[-2000:]
+  names = [l["name"] for l in json.loads(
+      (tmp_path / "m" / pipeline.REPORT_FILE).read_text())["layers"]]
+  line = [l for l in mean.stdout.splitlines()
+          if l.startswith("not explained")][0]
+  assert all(nm in line for nm in names[:5])
   assert report["solver_options"] == {"grid_restarts": 0, "grid_steps": 7,
                                       "grid_redecode_steps": 0,
                                       "grid_momentum": 0.0}
