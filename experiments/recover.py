@@ -128,8 +128,9 @@ def _summary(report):
               if l.get("explained") is False]
     if missed:
       more = f" and {len(missed) - 5} more" if len(missed) > 5 else ""
-      print("not explained (the output may get weights wrong that the "
-            "releases determine): " + ", ".join(missed[:5]) + more)
+      print(f"not explained (no witness within {ex['steps']} projections; "
+            "the output may get weights wrong that the releases "
+            "determine): " + ", ".join(missed[:5]) + more)
 
 
 def main(argv):
