@@ -169,3 +169,24 @@ def test_auto_errors_at_low_rank_are_open_but_one():
   margins = bit_exact._first_order(Wp, truth, auto, 1, witness.updates,
                                    unopened)
   assert (margins < 0).all()
+
+
+def test_off_grid_binary(tmp_path):
+  """``experiments.off_grid``: on releases rounded from a base on the grid
+  the grid step gains and ``auto`` keeps it; on float32 merges each rounded
+  on its own it loses and ``auto`` keeps the estimate before it."""
+  out = tmp_path / "rows.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.off_grid", "--dim=64", "--rank=4",
+       "--layers=1", "--ns=3", f"--json_out={out}"],
+      capture_output=True, text=True, timeout=600,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = {r["model"]: r for r in json.loads(out.read_text())}
+  on, off = rows["on_grid"], rows["off_grid"]
+  assert on["kept_layers"] == 1 and off["kept_layers"] == 0
+  assert on["consistent_min"] > 0.9 and off["consistent_max"] < 0.5
+  assert on["after_bit_exact"] > on["before_bit_exact"] + 0.03
+  assert on["auto_w_error"] == on["after_w_error"]
+  assert off["after_w_error"] > off["before_w_error"] + 0.2
+  assert off["auto_w_error"] == off["before_w_error"]
