@@ -17,10 +17,13 @@ Usage:
 Writes ``audit.json`` (per n, per layer and per solver; strict JSON, a
 non-finite figure is ``null``), ``audit.png`` and prints a table. Inputs are
 read as stored (a bf16 release is solved as bf16, with the dtype-aware
-refinement), or with ``--release_dtype=bfloat16`` (or ``float16``) rounded
-first as that release would be (base and fine-tunes on that dtype's grid):
-a publisher who holds float32 weights and plans to ship them in bf16 audits
-what ships. For low-precision releases the audit also gives the share of
+refinement), or with ``--release_dtype=bfloat16`` (or ``float16``) each
+rounded to that dtype first, as saving them in it would: a publisher who
+holds float32 weights and plans to ship them in bf16 audits what ships.
+With ``--from_rounded_base`` the fine-tunes are instead rebuilt on the base
+as rounded (``round(round(W) + W'_i - W)``), as fine-tunes made from a base
+published in that dtype are: then the base lies on the grid of the
+releases and the attacker's grid step applies. For low-precision releases the audit also gives the share of
 the base's weights that come back bit for bit (per solver, and for the best
 solver of each layer). The reader and checks are those of
 ``experiments.recover``: HF
@@ -71,8 +74,13 @@ def define_flags():
                                 "auto"], "Solvers the attacker may use.")
   flags.DEFINE_integer("seed", 0, "Seed of the subsets and solvers.")
   flags.DEFINE_enum("release_dtype", "stored", list(RELEASE_DTYPES),
-                    "Audit the models as stored, or rounded (base and "
-                    "fine-tunes) as a release in this dtype would be.")
+                    "Audit the models as stored, or each (base and "
+                    "fine-tunes) rounded to this dtype, as saving it in this "
+                    "dtype would.")
+  flags.DEFINE_bool("from_rounded_base", False, "With --release_dtype: "
+                    "rebuild each fine-tune on the base as rounded "
+                    "(round(round(W) + W'_i - W)), as fine-tunes made from a "
+                    "base published in that dtype are.")
 
 
 DEFAULT_MARGIN = 3.0
@@ -97,7 +105,7 @@ def audit(base: str, models, *, rank: int = 16, steps: int = 300,
           subsets: int = 1, solvers=("mean_lora", "spectral_detuning",
                                      "closed_form", "auto"),
           threshold=None, seed: int = 0, release_dtype: str = "stored",
-          log=print):
+          from_rounded_base: bool = False, log=print):
   """Recovery of ``base`` from every number of the ``models``.
 
   Args:
@@ -111,8 +119,10 @@ def audit(base: str, models, *, rank: int = 16, steps: int = 300,
       :data:`DEFAULT_MARGIN` decades below the released models' own W-Error.
     seed: seed of subsets and solvers.
     release_dtype: ``"stored"`` (the files as they are), or ``"bfloat16"``
-      / ``"float16"``: base and fine-tunes rounded as a release in that
-      dtype would be (:func:`experiments.stacks.release`).
+      / ``"float16"``: base and fine-tunes each rounded to that dtype.
+    from_rounded_base: with a ``release_dtype``, the fine-tunes rebuilt on
+      the rounded base instead (:func:`experiments.stacks.release` with
+      ``rebase``).
     log: progress printer.
 
   Returns:
@@ -139,7 +149,8 @@ def audit(base: str, models, *, rank: int = 16, steps: int = 300,
   if release_dtype not in RELEASE_DTYPES:
     raise BadInputError("--release_dtype", f"must be one of {RELEASE_DTYPES}, "
                         f"got {release_dtype!r}")
-  groups = stacks.real_stacks(base, models, dtype=release_dtype, rank=rank)
+  groups = stacks.real_stacks(base, models, dtype=release_dtype, rank=rank,
+                              rebase=from_rounded_base)
   low = any(grid.low_precision_dtype(Wp) is not None
             for _, _, Wp in groups.values())
   layer_names = [nm for g in groups.values() for nm in g[0]]
@@ -207,7 +218,7 @@ def audit(base: str, models, *, rank: int = 16, steps: int = 300,
   return dict(layers=layer_names, lora_ft=lora_ft_mean, threshold=threshold,
               per_n=per_n, leak_n=leak_n, layer_leak_n=layer_leak_n,
               models=models, base=base, release_dtype=release_dtype,
-              low_precision=low)
+              from_rounded_base=from_rounded_base, low_precision=low)
 
 
 def table(result) -> str:
@@ -295,7 +306,8 @@ def main(argv):
     result = audit(FLAGS.base, FLAGS.models or [], rank=FLAGS.rank,
                    steps=FLAGS.steps, subsets=FLAGS.subsets,
                    solvers=FLAGS.solvers, threshold=FLAGS.threshold,
-                   seed=FLAGS.seed, release_dtype=FLAGS.release_dtype)
+                   seed=FLAGS.seed, release_dtype=FLAGS.release_dtype,
+                   from_rounded_base=FLAGS.from_rounded_base)
   except BadInputError as e:
     sys.stderr.write(f"error: {e}\n")
     sys.stderr.flush()

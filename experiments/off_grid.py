@@ -82,12 +82,13 @@ def releases(W32, Wp32, dtype: str):
   release models: ``on_grid`` (the base rounded, then each merge of it
   rounded: :func:`experiments.stacks.release`) and ``off_grid`` (each
   float32 merge, and the base, rounded on its own)."""
-  out = [stacks.release(W32[l], Wp32[l], dtype) for l in range(len(W32))]
-  W_on = np.stack([o[0] for o in out])
-  dt = stacks.NP_DTYPES[dtype]
-  return {"on_grid": (W_on.astype(np.float32), W_on,
-                      np.stack([o[1] for o in out])),
-          "off_grid": (W32, W32.astype(dt), Wp32.astype(dt))}
+  out = {}
+  for model, rebase in (("on_grid", True), ("off_grid", False)):
+    W, Wp = zip(*[stacks.release(W32[l], Wp32[l], dtype, rebase)
+                  for l in range(len(W32))])
+    W, Wp = np.stack(W), np.stack(Wp)
+    out[model] = (W.astype(np.float32) if rebase else W32, W, Wp)
+  return out
 
 
 def measure(W_primes, rank: int, target, released):

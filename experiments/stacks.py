@@ -55,17 +55,22 @@ def synthetic_stack(seed: int, d: int, k: int, n: int, rank: int, *,
   return release(W.astype(np.float32), (W[None] + M).astype(np.float32), dtype)
 
 
-def release(W, W_primes, dtype: str):
+def release(W, W_primes, dtype: str, rebase: bool = True):
   """Casts a float32 base and fine-tunes to a release dtype.
 
-  The base of a low-precision release is itself on that dtype's grid, and
-  the fine-tunes are ``round(W + M_i)`` with ``M_i = W'_i - W`` from float32.
+  With ``rebase`` (fine-tunes made from the base as released): the base of
+  a low-precision release is itself on that dtype's grid, and the
+  fine-tunes are ``round(W + M_i)`` with ``M_i = W'_i - W`` from float32.
+  Without: each is rounded on its own (``round(W)``, ``round(W'_i)``), as
+  saving float32 fine-tunes of a float32 base in that dtype does.
   """
   W = np.asarray(W, np.float32)
   W_primes = np.asarray(W_primes, np.float32)
   if dtype == "float32":
     return W, W_primes
   dt = NP_DTYPES[dtype]
+  if not rebase:
+    return W.astype(dt), W_primes.astype(dt)
   M = W_primes - W[None]
   W_low = W.astype(dt)
   W_primes_low = (W_low.astype(np.float32)[None] + M).astype(dt)
@@ -129,7 +134,7 @@ def open_models(models: Sequence[str], base: Optional[str] = None,
 
 
 def real_stacks(base: str, models: Sequence[str], dtype: str = "float32",
-                rank: int = 1):
+                rank: int = 1, rebase: bool = True):
   """Fine-tuned layers of real models, grouped by matrix shape.
 
   The models and the base are opened and checked by :func:`open_models`
@@ -144,6 +149,7 @@ def real_stacks(base: str, models: Sequence[str], dtype: str = "float32",
       dtype (``"bfloat16"``: base and fine-tunes rounded as a bf16 release).
     rank: the LoRA rank that will be assumed (a layer too small for it is
       bad input).
+    rebase: for a release dtype, :func:`release`'s ``rebase``.
 
   Returns:
     ``{(d, k): (names, W_true [L, d, k], W_primes [L, n, d, k])}``.
@@ -166,7 +172,7 @@ def real_stacks(base: str, models: Sequence[str], dtype: str = "float32",
     if dtype == "stored":  # as the files hold them (e.g. a bf16 release)
       out[shape] = (group, np.stack(true), np.stack(ft))
       continue
-    W, Wp = zip(*[release(t.astype(np.float32), p.astype(np.float32), dtype)
-                  for t, p in zip(true, ft)])
+    W, Wp = zip(*[release(t.astype(np.float32), p.astype(np.float32), dtype,
+                          rebase) for t, p in zip(true, ft)])
     out[shape] = (group, np.stack(W), np.stack(Wp))
   return out

@@ -344,17 +344,25 @@ def test_audit_json_is_strict(tmp_path):
 
 
 def test_audit_release_dtype_rounds_and_counts_bit_exact(tmp_path):
-  """--release_dtype=bfloat16 audits float32 files as their bf16 release:
-  the same W-Errors as the bf16 files themselves, and the share of the
-  base's weights recovered bit for bit, per solver and for the best."""
+  """--release_dtype=bfloat16 --from_rounded_base audits float32 files as
+  fine-tunes of the base released in bf16: the same W-Errors as the bf16
+  files made so, and the share of the base's weights recovered bit for
+  bit, per solver and for the best. Without --from_rounded_base each file
+  is rounded on its own: no base on the grid fits, auto keeps its
+  estimate before the grid step, and fewer weights come back."""
   base, models = make_models(tmp_path, n=3)
   kw = dict(rank=3, threshold=-8.0, solvers=("mean_lora", "auto"),
             log=lambda *_: None)
   stored = audit.audit(base, models, **kw)
   assert not stored["low_precision"]
   assert all("bit_exact" not in r for r in stored["per_n"])
-  res = audit.audit(base, models, release_dtype="bfloat16", **kw)
+  plain = audit.audit(base, models, release_dtype="bfloat16", **kw)
+  assert plain["low_precision"] and not plain["from_rounded_base"]
+  res = audit.audit(base, models, release_dtype="bfloat16",
+                    from_rounded_base=True, **kw)
   assert res["low_precision"] and res["release_dtype"] == "bfloat16"
+  plain3 = {r["n"]: r for r in plain["per_n"]}[3]
+  assert plain3["bit_exact_per_solver"]["auto"] < 0.85
   by_n = {r["n"]: r for r in res["per_n"]}
   exact = by_n[3]["bit_exact_per_solver"]
   # The grid step of auto: most weights bit for bit from 3 bf16 releases;

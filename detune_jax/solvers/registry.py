@@ -190,10 +190,11 @@ def _dtype_aware(W_primes, W, diag, rank, options, seed):
   off = np.asarray(~keep)
   if off.any():
     logging.warning(
-        "grid step skipped on %d of %d layers: the releases are not "
-        "consistent with a base on the %s grid (consistent fraction %.2f < "
-        "%.2f; e.g. fine-tunes of a float32 base rounded on their own); "
-        "those layers keep the solver's estimate", off.sum(), off.size, low,
+        "grid step skipped on %d of %d layers: it ends with the releases "
+        "not consistent with a base on the %s grid (consistent fraction "
+        "%.2f < %.2f; e.g. fine-tunes of a float32 base each rounded on its "
+        "own, or two releases, which do not pin the base); those layers "
+        "keep the solver's estimate", off.sum(), off.size, low,
         float(np.min(np.asarray(gdiag.consistent_fraction))), min_consistent)
   W = jnp.where(keep[..., None, None], W_grid, jnp.asarray(W, jnp.float32))
   return W, diag._replace(final_loss=jnp.where(keep, gdiag.loss,
