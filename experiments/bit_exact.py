@@ -162,25 +162,25 @@ def _stack(n: int):
       layers=FLAGS.layers, shared=0.0, minilm_dir=FLAGS.minilm_dir)
 
 
-def _auto_name(restarts: int, snap_from: float, shrink: float,
-               redecode: int = registry.GRID_REDECODE_STEPS,
-               momentum: float = grid.MOMENTUM,
-               free_steps: int = grid.FREE_STEPS) -> str:
-  """'auto', with a suffix for each grid setting off the default."""
-  name = "auto"
-  if restarts != registry.GRID_RESTARTS:
-    name += f"+r{restarts}"
-  if snap_from != grid.SNAP_FROM:
-    name += f"+snap{snap_from:g}"
-  if shrink != grid.SHRINK:
-    name += f"+shrink{shrink:g}"
-  if redecode != registry.GRID_REDECODE_STEPS:
-    name += f"+redecode{redecode}"
-  if momentum != grid.MOMENTUM:
-    name += f"+mom{momentum:g}"
-  if free_steps != grid.FREE_STEPS:
-    name += f"+free{free_steps}"
-  return name
+# The grid step's settings with a row of ``auto`` per value: (the name of
+# the flag and registry option ``grid_<name>``, its type, its default, the
+# row-name suffix off the default).
+_GRID_ROWS = (("restarts", int, registry.GRID_RESTARTS, "r"),
+              ("snap_from", float, grid.SNAP_FROM, "snap"),
+              ("shrink", float, grid.SHRINK, "shrink"),
+              ("redecode_steps", int, registry.GRID_REDECODE_STEPS,
+               "redecode"),
+              ("momentum", float, grid.MOMENTUM, "mom"),
+              ("free_steps", int, grid.FREE_STEPS, "free"))
+
+
+def _auto_name(settings) -> str:
+  """'auto', with a suffix for each grid setting (``{name: value}``) off
+  the default, e.g. 'auto+r0+mom0'."""
+  return "auto" + "".join(
+      f"+{tag}{settings[name]:g}" if kind is float else
+      f"+{tag}{settings[name]}"
+      for name, kind, default, tag in _GRID_ROWS if settings[name] != default)
 
 
 def _row(name, n, W, W_true):
@@ -192,7 +192,8 @@ def _row(name, n, W, W_true):
 
 
 def _search():
-  """explain_releases' search options from the flags."""
+  """explain_releases' search options from the flags (``--explain_relax``,
+  ``--explain_momentum``; ``consistency_search`` defines them too)."""
   return dict(relax=FLAGS.explain_relax, momentum=FLAGS.explain_momentum)
 
 
@@ -416,22 +417,16 @@ def main(argv: Sequence[str]) -> None:
     raw, _ = registry.solve(Wp, FLAGS.rank, solver="closed_form",
                             dtype_aware=False)
     autos = []
-    for r, sf, sh, rd, mo, fr in itertools.product(
-        [int(x) for x in FLAGS.grid_restarts],
-        [float(x) for x in FLAGS.grid_snap_from],
-        [float(x) for x in FLAGS.grid_shrink],
-        [int(x) for x in FLAGS.grid_redecode_steps],
-        [float(x) for x in FLAGS.grid_momentum],
-        [int(x) for x in FLAGS.grid_free_steps]):
+    for values in itertools.product(*(
+        [kind(x) for x in getattr(FLAGS, "grid_" + name)]
+        for name, kind, _, _ in _GRID_ROWS)):
+      settings = dict(zip((row[0] for row in _GRID_ROWS), values))
       start = time.perf_counter()
       W_a, _ = registry.solve(Wp, FLAGS.rank, solver="auto",
-                              grid_steps=FLAGS.grid_steps, grid_restarts=r,
-                              grid_snap_from=sf, grid_shrink=sh,
-                              grid_redecode_steps=rd, grid_momentum=mo,
-                              grid_free_steps=fr)
+                              grid_steps=FLAGS.grid_steps,
+                              **{"grid_" + k: v for k, v in settings.items()})
       W_a = np.asarray(W_a)
-      autos.append((_auto_name(r, sf, sh, rd, mo, fr), W_a,
-                    time.perf_counter() - start))
+      autos.append((_auto_name(settings), W_a, time.perf_counter() - start))
     oracle, _ = dj.grid_refine(Wp, jnp.asarray(W_true, jnp.float32),
                                FLAGS.rank, steps=FLAGS.grid_steps)
     # The true updates: the float32 merges of the same stack, less the base.

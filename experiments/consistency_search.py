@@ -186,7 +186,7 @@ def consistency_search(Wp, W, rank, *, rounds, accept, score_steps,
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  search = dict(relax=FLAGS.explain_relax, momentum=FLAGS.explain_momentum)
+  search = bit_exact._search()
   truths, releases = frontier.scenario_stack(
       "gaussian_bf16", FLAGS.n, dim=FLAGS.dim, rank=FLAGS.rank,
       layers=FLAGS.layers, shared=0.0, minilm_dir="")

@@ -10,11 +10,15 @@ import detune_jax as dj
 from detune_jax.solvers import grid, registry
 
 
-def bf16_stack(seed, d, k, n, rank, scale=0.02, dtype=jnp.bfloat16):
-  """Base on the ``dtype`` grid and ``round(W + B_i A_i)`` releases."""
+def bf16_stack(seed, d, k, n, rank, scale=0.02, dtype=jnp.bfloat16,
+               on_grid=True):
+  """Base on the ``dtype`` grid and ``round(W + B_i A_i)`` releases; with
+  ``on_grid`` False a float32 base, each release rounded from it on its own
+  (the released base is not the one the fine-tunes were rounded from)."""
   key = jax.random.key(seed)
   W = (jax.random.normal(jax.random.fold_in(key, 0), (d, k)) * scale)
-  W = W.astype(dtype)
+  if on_grid:
+    W = W.astype(dtype)
   B = jax.random.normal(jax.random.fold_in(key, 1), (n, d, rank)) * scale
   A = jax.random.normal(jax.random.fold_in(key, 2), (n, rank, k)) * scale
   return W, (W.astype(jnp.float32)[None] + B @ A).astype(dtype)
@@ -414,23 +418,13 @@ def test_first_order_margin_tells_which_changed_bases_are_explained():
     dj.first_order_margin(W_primes, truth, witness[:2], 2)
 
 
-def off_grid_stack(seed, d, k, n, rank, scale=0.02, dtype=jnp.bfloat16):
-  """A float32 base and fine-tunes of it, each rounded to ``dtype`` on its
-  own: the released base is not the one the fine-tunes were rounded from."""
-  key = jax.random.key(seed)
-  W = jax.random.normal(jax.random.fold_in(key, 0), (d, k)) * scale
-  B = jax.random.normal(jax.random.fold_in(key, 1), (n, d, rank)) * scale
-  A = jax.random.normal(jax.random.fold_in(key, 2), (n, rank, k)) * scale
-  return W, (W[None] + B @ A).astype(dtype)
-
-
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_grid_step_is_skipped_where_the_base_is_off_the_grid(dtype, caplog):
   # 96x80 r=4, n=3. Off the grid the step ends consistent on 0.38 (bf16) /
   # 0.37 (fp16) of the entries, and its output is worse than its input
   # against the float32 base: W-Error -9.37 -> -8.83 / -11.17 -> -10.62.
   # On the grid: 0.91 / 0.92 (grid_refine's defaults from auto's output).
-  W32, W_primes = off_grid_stack(0, 96, 80, 3, 4, dtype=dtype)
+  W32, W_primes = bf16_stack(0, 96, 80, 3, 4, dtype=dtype, on_grid=False)
   auto, _ = dj.solve(W_primes, 4, solver="auto")
   raw, _ = dj.solve(W_primes, 4, solver="auto", dtype_aware=False)
   forced, _ = dj.solve(W_primes, 4, solver="auto", grid_min_consistent=0.0)
