@@ -7,11 +7,12 @@
 import os as _os
 
 # XLA:CPU's concurrency-optimized HLO scheduler: with it on, the batched
-# solver programs (vmap over layers of while loops with small eigh/QR calls)
-# intermittently deadlock on CPU, every thread idle in a futex wait
-# (measured: 1 hang in 10 runs of one 640x768 SD-shaped solve, and 4 of 4
-# runs of the SD benchmark; 0 in 10 with it off). Off unless the user set it;
-# only effective if the XLA backend is not initialised yet.
+# solver programs deadlocked more often (1 hang in 10 runs of one 640x768
+# SD-shaped solve, 4 of 4 runs of the SD benchmark; 0 in 10 with it off).
+# The deadlocks come from two batched LAPACK calls running side by side,
+# which the solvers now order (lowrank.after; tests/test_lapack_order.py
+# checks every program); the flag stays as a second line of defence. Off
+# unless the user set it; only effective before the XLA backend starts.
 _XLA_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 if "xla_cpu_enable_concurrency_optimized_scheduler" not in _os.environ.get(
     "XLA_FLAGS", ""):

@@ -1,11 +1,13 @@
-"""Spectral DeTuning on synthetic LoRA stacks: accuracy, properties, API."""
+"""Spectral DeTuning on synthetic and real LoRA stacks: accuracy, properties, API."""
 
 import importlib
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 
 import detune_jax as dj
 from detune_jax.synthetic import lora_stack
@@ -268,3 +270,54 @@ def test_blocked_products_match_one_block(monkeypatch):
   np.testing.assert_allclose(W_bat[0], W_one, atol=1e-6)
   np.testing.assert_allclose(W_bat[1], W_one, atol=1e-6)
   assert float(d_blk.final_loss) < 1e-15 and float(d_one.final_loss) < 1e-15
+
+
+# A real layer (all-MiniLM-L6-v2, encoder.layer.5 query, five rank-16 LoRA
+# fine-tunes) whose LoRAs have steep spectra: each has one direction 200-400x
+# its sixteenth. Gram-matrix orthonormalization lost those last directions
+# in float32 and the solver stalled at a W-Error of about -8.
+STALL_FIXTURE = os.path.join(os.path.dirname(__file__), "data",
+                             "minilm_layer5_query_stall.safetensors")
+
+
+@pytest.fixture(scope="module")
+def stall_layer():
+  tensors = safetensors.numpy.load_file(STALL_FIXTURE)
+  return tensors["W_primes"], tensors["W_true"]
+
+
+@pytest.fixture(scope="module")
+def stall_reference(stall_layer):
+  """W-Error of the paper's algorithm (PyTorch) on the stall layer, seeds 0-2."""
+  torch = pytest.importorskip("torch")
+  from experiments import reference_torch
+  W_primes, W_true = stall_layer
+  errs = {}
+  for seed in range(3):
+    torch.manual_seed(seed)
+    W, _, _, _ = reference_torch.spectral_detuning(
+        torch.from_numpy(W_primes), 16, 300)
+    errs[seed] = float(np.log10(np.mean((W.numpy() - W_true) ** 2)))
+  return errs
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("alternate", [True, False])
+def test_real_layer_with_steep_spectra_reaches_the_reference(
+    stall_layer, stall_reference, seed, alternate):
+  W_primes, W_true = stall_layer
+  W, diag = dj.spectral_detuning(W_primes, 16, 300, seed=seed,
+                                 alternate=alternate)
+  err = float(dj.w_error(W, W_true))
+  assert stall_reference[seed] < -15.5          # the reference converges
+  assert err <= stall_reference[seed] + 0.5, (err, stall_reference[seed])
+  assert float(diag.final_loss) < 1e-15
+
+
+def test_solvers_reach_the_reference_on_the_stall_layer(stall_layer,
+                                                        stall_reference):
+  """What users call: the registry's solvers on the same layer."""
+  W_primes, W_true = stall_layer
+  for solver in ("spectral_detuning", "auto"):
+    W, _ = dj.solve(W_primes, 16, solver=solver, steps=300)
+    assert float(dj.w_error(W, W_true)) <= stall_reference[0] + 0.5, solver

@@ -196,9 +196,11 @@ def _solve(W_primes, key, *, ranks, svd, oversample, niter):
   fn = functools.partial(_solve_layer, ranks=ranks, svd=svd,
                          oversample=oversample, niter=niter)
   if W_primes.ndim == 4:
-    # lax.map (a scan over layers): jax.vmap of this solver hangs XLA:CPU
-    # (0.10.2) at some shapes; each layer is large enough to keep the cores
-    # busy on its own.
+    # lax.map (a scan over layers), not jax.vmap: vmapped, the independent
+    # pairwise SVDs become batched LAPACK calls that XLA:CPU may run side
+    # by side, which deadlocks its thread pool (see lowrank.after); one
+    # layer at a time they are single-matrix calls, and each layer is large
+    # enough to keep the cores busy on its own.
     return jax.lax.map(lambda w: fn(w, key), W_primes)
   return fn(W_primes, key)
 

@@ -310,7 +310,8 @@ def _refine_layer(W_primes, W0, key, *, ranks, steps, estimator, oversample,
     intersection of the intervals. Returns ``(W', M', kept)``: the re-read
     base and its updates where the releases are more consistent with it
     than with ``W`` (else ``W`` and ``M_old``)."""
-    W_full, _, _ = one_round(W0, (lo, hi))
+    # Each LAPACK-running part after the one before it (lowrank.after).
+    W_full, _, _ = one_round(lowrank.after(W0, W), (lo, hi))
     doubt = W_full != W
 
     def project(_, c):
@@ -320,10 +321,12 @@ def _refine_layer(W_primes, W0, key, *, ranks, steps, estimator, oversample,
           jnp.clip(M, lo - w[None], hi - w[None]), V)
       return truncate(U, S, V), V
 
-    M, _ = _extrapolated(redecode_steps, project, start(W), momentum)
+    M, _ = _extrapolated(redecode_steps, project,
+                         start(lowrank.after(W, W_full)), momentum)
     W_new, _, _ = _estimate(W_primes, lo, hi, M, "midrange")
     W_new = jnp.where(doubt, W_new.astype(jnp.float32), W)
-    kept = reproduced(W_new) > reproduced(W)
+    consistent_new = reproduced(W_new)
+    kept = consistent_new > reproduced(lowrank.after(W, consistent_new))
     return jnp.where(kept, W_new, W), jnp.where(kept, M, M_old), kept
 
   W, M, changed = one_round(W0)
@@ -359,10 +362,9 @@ def _refine(W_primes, W0, key, *, ranks, steps, estimator, oversample,
                          redecode_steps=redecode_steps,
                          check_steps=check_steps, momentum=momentum)
   if W_primes.ndim == 4:
-    # lax.map (a scan over layers), not jax.vmap: the vmapped program
-    # deadlocks XLA:CPU (jax 0.10.2) on large batches (24 MiniLM-sized layers:
-    # every thread idle in a futex wait, no progress), as it does for the
-    # closed form.
+    # lax.map (a scan over layers), not jax.vmap: the vmapped program hung
+    # XLA:CPU on 24 MiniLM-sized layers (batched LAPACK calls side by side,
+    # see lowrank.after).
     return jax.lax.map(lambda a: fn(a[0], a[1], key), (W_primes, W0))
   return fn(W_primes, W0, key)
 

@@ -22,6 +22,23 @@ import jax.numpy as jnp
 SVD_METHODS = ("exact", "randomized", "subspace")
 
 
+def after(x, dep):
+  """``x``, computed only once ``dep`` is: orders two LAPACK calls.
+
+  jaxlib 0.10's batched LAPACK kernels split their batch over XLA:CPU's
+  intra-op thread pool and block the pool thread they run on until the
+  pieces are done; XLA runs independent instructions at once, so two such
+  calls side by side can block every thread of the pool (2 on a 2-core
+  machine) with their pieces queued, and the program hangs. A data
+  dependency orders them (an ``optimization_barrier`` does not: XLA:CPU
+  drops it). ``x`` comes back bit for bit (times 1, or nan where ``dep``
+  starts with a nan). ``tests/test_lapack_order.py`` checks every program
+  the solvers compile.
+  """
+  first = jnp.reshape(dep, (-1,))[0]
+  return x * jnp.where(jnp.isnan(first), jnp.nan, 1.0).astype(x.dtype)
+
+
 def _orth(x):
   return jnp.linalg.qr(x, mode="reduced")[0]
 
@@ -35,7 +52,7 @@ def svd_wide(B):
   against 3.3 ms for five ``[16, 768]`` matrices on 2 cores).
   """
   qz, rz = jnp.linalg.qr(B.T)                 # B.T = qz rz, qz: [k, q]
-  u, s, wh = jnp.linalg.svd(rz.T)             # rz.T = u s wh
+  u, s, wh = jnp.linalg.svd(after(rz.T, qz))  # rz.T = u s wh
   return u, s, qz @ wh.T
 
 
@@ -50,6 +67,52 @@ def orthonormalize(Y, rtol: float = 1e-6):
   Column order follows ``lam`` (ascending).
   """
   return Y @ orthonormalizer(Y.T @ Y, rtol)
+
+
+def range_basis(Y, rtol: float = 1e-6):
+  """An orthonormal basis of the range of ``Y: [d, q]`` from its thin SVD.
+
+  Columns whose singular value is at most ``rtol`` times the largest are
+  zero, wherever they sit among the columns of ``Y``. Precise whatever the
+  conditioning of ``Y`` (a LAPACK call: for one-off bases, not loops).
+  """
+  U, s, _ = jnp.linalg.svd(Y, full_matrices=False)
+  return U * (s > rtol * s[0])[None, :]
+
+
+def gram_schmidt(Z, rtol: float = 1e-6):
+  """``(Q, C)`` with ``Q: [d, q]`` orthonormal and ``Z = Q C``, ``C``
+  upper triangular, by classical Gram-Schmidt with one reorthogonalisation
+  (CGS2).
+
+  Column by column, so each column keeps its own precision whatever the
+  ratio of the columns' lengths: unlike a basis from ``Z^T Z``, which
+  squares the condition number of ``Z`` and, in float32, loses the
+  directions more than about 1e3 below the largest. Matrix-vector products
+  in a ``fori_loop`` instead of a Householder QR, which XLA:CPU runs as a
+  slow LAPACK call. A column left at less than ``rtol`` of its length after
+  projection (a direction the earlier columns already hold) is zero in
+  ``Q`` and has a zero diagonal in ``C``.
+  """
+  q = Z.shape[1]
+
+  def column(j, carry):
+    Q, C = carry
+    z0 = jax.lax.dynamic_index_in_dim(Z, j, axis=1, keepdims=False)
+    h1 = Q.T @ z0
+    z = z0 - Q @ h1
+    h2 = Q.T @ z
+    z = z - Q @ h2
+    norm = jnp.sqrt(jnp.sum(z * z))
+    ok = norm > rtol * jnp.sqrt(jnp.sum(z0 * z0)) + 1e-30
+    qj = jnp.where(ok, z / jnp.where(ok, norm, 1.0), 0.0)
+    Q = jax.lax.dynamic_update_index_in_dim(Q, qj, j, axis=1)
+    cj = (h1 + h2).at[j].set(jnp.where(ok, norm, 0.0))
+    C = jax.lax.dynamic_update_index_in_dim(C, cj, j, axis=1)
+    return Q, C
+
+  return jax.lax.fori_loop(
+      0, q, column, (jnp.zeros_like(Z), jnp.zeros((q, q), Z.dtype)))
 
 
 def orthonormalizer(G, rtol: float = 1e-6):

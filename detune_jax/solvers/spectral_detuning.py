@@ -296,17 +296,24 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
       # the products with T, w are q x q.
       Y = jnp.einsum("ndk,nkq->ndq", D, V)                       # D_i V_i
       Yc = Y + corr                                              # R_i V_i
-      # R_i X_i = U_i diag(S) w_i^T from its Gram matrix T^T Yc^T Yc T.
-      # Columns of U are orthonormal to rounding only where S is well above
-      # float32 noise (the left step relies on it): rtol 1e-3 on S is the
-      # cut of lowrank.orthonormalize (1e-6 on the eigenvalues); the columns
-      # below it are zero.
-      H = jnp.einsum("ndp,ndr->npr", Yc, Yc)
-      G = jnp.einsum("npq,npr,nrs->nqs", T, H, T)
-      w, S, inv = jax.vmap(lowrank.svd_of_gram, in_axes=(0, None))(G, 1e-3)
-      S = jnp.where(inv > 0, S, 0.0)     # as U: the loss counts sum S^2
-      Tw = jnp.einsum("npq,nqr->npr", T, w)
-      U = jnp.einsum("ndp,npq->ndq", Yc, Tw * inv[:, None, :])
+      # Z_i = R_i X_i = Q_i C_i by Gram-Schmidt (lowrank.gram_schmidt),
+      # not from its Gram matrix T^T Yc^T Yc T: the Gram matrix squares the
+      # condition number of Z_i, and real fine-tunes' residuals have one
+      # direction hundreds of times their rank's last. In float32 those last
+      # directions were lost and the solver stalled at a W-Error of about -8
+      # on a real MiniLM layer (tests/test_solver.py, the stall fixture).
+      Q, C = jax.vmap(lowrank.gram_schmidt)(jnp.einsum("ndp,npq->ndq", Yc, T))
+      # C_i = u diag(S) w^T from its Gram matrix C C^T: u is orthonormal, so
+      # U = Q u is, and U diag(S) (X w)^T = Q C X^T whatever the rounding of
+      # S and w in C's small directions.
+      lam, u = jnp.linalg.eigh(jnp.einsum("npq,nrq->npr", C, C))
+      lam, u = lam[:, ::-1], u[:, :, ::-1]
+      S = jnp.sqrt(jnp.maximum(lam, 0.0))
+      keep = S > 1e-6 * S[:, :1]
+      inv = jnp.where(keep, 1.0 / jnp.where(keep, S, 1.0), 0.0)
+      S = jnp.where(keep, S, 0.0)
+      U = jnp.einsum("ndp,npq->ndq", Q, u)
+      Tw = jnp.einsum("nap,nrp,nrs->nas", T, C, u) * inv[:, None, :]
       V_new = jnp.einsum("nkp,npq->nkq", V, Tw)
       # diag(U_i^T D_i V_new_i) = diag(U_i^T Y_i T_i w_i).
       DV = jnp.einsum("ndp,ndq,nqp->np", U, Y, Tw)
@@ -318,7 +325,7 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
       # U = Q, S_p = ||B_i[p]|| and V_new[:, p] = B_i[p]^T / S_p: unit but not
       # orthogonal columns (the right step's T makes them so), ||M_i||^2 =
       # sum S^2 as Q is orthonormal, and <D_i, M_i> = <Q_i^T D_i, B_i>.
-      # Rows of B at zero (the columns of Q the right step cut) take the
+      # Rows of B at zero (directions the residual lacks) take the
       # fill columns, as in lowrank.svd_rows.
       B_d = _left_products(U_in, D, batch)                       # Q_i^T D_i
       B = B_d + corr
@@ -335,7 +342,9 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
         Q = U_in
       else:
         Y = jnp.einsum("ndk,nkq->ndq", D, V) + apply_e(state, V)
-        Q = jax.vmap(lowrank.orthonormalize)(Y)
+        # Gram-Schmidt, not lowrank.orthonormalize: a basis from Y's Gram
+        # matrix loses the residual's small directions (see the right step).
+        Q = jax.vmap(lowrank.gram_schmidt)(Y)[0]
       B_d = _left_products(Q, D, batch)                          # Q_i^T D_i
       u, S, V_new = jax.vmap(lowrank.svd_rows, in_axes=(0, None))(
           B_d + (apply_e_t(state, Q) if corr is None else corr),
@@ -684,10 +693,10 @@ def _refine(D, P, V, iters, batch: int = 1):
     state before the refinement.
   """
   active = jnp.sum(P * P, axis=1) > 0                                # [n, q]
-  U = jax.vmap(lowrank.orthonormalize)(P)
+  U = jax.vmap(lowrank.range_basis)(P)
   # M_i = P_i V_i^T = U_i K_i with K_i = (U_i^T P_i) V_i^T; L_i = 0.
   K = jnp.einsum("ndq,ndp,nkp->nqk", U, P, V)
-  V = jax.vmap(lowrank.orthonormalize)(V * active[:, None, :])
+  V = jax.vmap(lowrank.range_basis)(lowrank.after(V * active[:, None, :], U))
   L = B = None
   res2 = None
   for _ in range(iters):
