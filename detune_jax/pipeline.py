@@ -62,6 +62,7 @@ import numpy as np
 from absl import logging
 
 from detune_jax import metrics
+from detune_jax.timings import Timings
 from detune_jax.io.errors import BadInputError
 from detune_jax.io.lowra import LowraBench
 from detune_jax.io.models import (ModelFiles, check_same_tensors,
@@ -573,8 +574,12 @@ def assign_groups(groups: Sequence[Group], nproc: int) -> List[int]:
 
 
 def solve_group(group: Group, inputs: Inputs, plans: Dict[str, TensorPlan],
-                config: RecoverConfig) -> Dict[str, np.ndarray]:
+                config: RecoverConfig,
+                timings: Optional[Timings] = None) -> Dict[str, np.ndarray]:
   """Reads and solves one batch of layers.
+
+  ``timings`` (optional) gets the time spent reading (``read``), solving
+  (``solve``) and comparing with the ground truth (``evaluate``).
 
   Returns:
     The checkpoint tree: ``W_<l>`` (recovered, in the layer's dtype),
@@ -585,6 +590,7 @@ def solve_group(group: Group, inputs: Inputs, plans: Dict[str, TensorPlan],
     layer is not bf16/fp16) and ``reproduced`` ``[L]`` (nan there).
   """
   t0 = time.time()
+  timings = timings or Timings()
   d, k = group.matrix_shape
   n = len(inputs.models)
   L = len(group.names)
@@ -596,20 +602,33 @@ def solve_group(group: Group, inputs: Inputs, plans: Dict[str, TensorPlan],
       and len(jax.local_devices()) == 1):
     # Compile from the shape before the stack is read, and give the
     # compiler's heap back (a cache hit for later groups of this shape).
-    precompile((L, n, d, k), rank_arg, config.steps, seed=config.seed)
-  stack = np.empty((L, n, d, k), np.float32)
-  for l, name in enumerate(group.names):
-    for i, m in enumerate(inputs.models):
-      stack[l, i] = np.asarray(m.read(name), np.float32).reshape(d, k)
+    with timings.phase("solve"):
+      precompile((L, n, d, k), rank_arg, config.steps, seed=config.seed)
+  with timings.phase("read"):
+    stack = np.empty((L, n, d, k), np.float32)
+    for l, name in enumerate(group.names):
+      for i, m in enumerate(inputs.models):
+        stack[l, i] = np.asarray(m.read(name), np.float32).reshape(d, k)
   dtypes = {plans[name].dtype for name in group.names}
   grid_opts = {"dtype_aware": False}
   if config.dtype_aware and len(dtypes) == 1:
     grid_opts = {"input_dtype": np.dtype(DTYPES[dtypes.pop()])}
-  W, diag = solve_layers(stack, rank_arg, devices=jax.local_devices(),
-                         solver=config.solver, steps=config.steps,
-                         seed=config.seed, **grid_opts,
-                         **dict(config.solver_options))
-  W = np.asarray(W, np.float32)
+  with timings.phase("solve"):
+    W, diag = solve_layers(stack, rank_arg, devices=jax.local_devices(),
+                           solver=config.solver, steps=config.steps,
+                           seed=config.seed, **grid_opts,
+                           **dict(config.solver_options))
+    W = np.asarray(W, np.float32)
+  with timings.phase("evaluate"):
+    return _finish_group(W, diag, stack, group, inputs, plans, config, t0)
+
+
+def _finish_group(W, diag, stack, group, inputs, plans, config, t0):
+  """The checkpoint tree of a solved group (see :func:`solve_group`)."""
+  d, k = group.matrix_shape
+  L = len(group.names)
+  rank_arg = group.ranks[0] if len(set(group.ranks)) == 1 else tuple(
+      group.ranks)
   tree = {}
   w_err = np.full(L, np.nan, np.float32)
   mean_err = np.full(L, np.nan, np.float32)
@@ -782,16 +801,18 @@ def recover(config: RecoverConfig, *,
       when raised before the scan ends, which covers every check).
   """
   t_start = time.time()
+  timings = Timings()
   if not config.output_dir:
     raise BadInputError("--output_dir", "is required")
   # Absolute from here on: orbax refuses relative checkpoint paths.
   config = dataclasses.replace(config,
                                output_dir=os.path.abspath(config.output_dir))
   out_dir = config.output_dir
-  check_writable(out_dir)   # before the (long) scan
-  inputs = open_inputs(config)
-  fp = run_fingerprint(config, inputs)
-  done_report = check_output_dir(out_dir, fp)
+  with timings.phase("open"):
+    check_writable(out_dir)   # before the (long) scan
+    inputs = open_inputs(config)
+    fp = run_fingerprint(config, inputs)
+    done_report = check_output_dir(out_dir, fp)
   pid, nproc = jax.process_index(), jax.process_count()
   if _all_true(done_report is not None):
     logging.info("%s already holds this finished run", out_dir)
@@ -800,10 +821,11 @@ def recover(config: RecoverConfig, *,
     return done_report
   plan_json = read_json(os.path.join(out_dir, PLAN_FILE))
   cached = isinstance(plan_json, dict) and plan_json.get("fingerprint") == fp
-  if _all_true(cached):
-    plans = _plans_from_json(plan_json["tensors"])
-  else:
-    plans = scan(inputs, config)
+  with timings.phase("scan"):
+    if _all_true(cached):
+      plans = _plans_from_json(plan_json["tensors"])
+    else:
+      plans = scan(inputs, config)
   n = len(inputs.models)
   counts = {k: sum(p.kind == k for p in plans) for k in KINDS}
   logging.info("%d tensors: %d fine-tuned LoRA layers, %d averaged, %d copied",
@@ -830,7 +852,8 @@ def recover(config: RecoverConfig, *,
                        grid=config.dtype_aware
                        and registry.takes_grid_step(config.solver))
   owner = assign_groups(groups, nproc)
-  progress = Progress(out_dir, pid)
+  with timings.phase("write"):
+    progress = Progress(out_dir, pid)
   done_before = progress.done()
   mine = [g for g in groups if owner[g.index] == pid]
   todo = [g for g in mine if g.index not in done_before]
@@ -846,8 +869,9 @@ def recover(config: RecoverConfig, *,
                dynamic_ncols=True)
   try:
     for count, g in enumerate(todo, 1):
-      tree = solve_group(g, inputs, plan_by_name, config)
-      progress.save(g.index, tree)
+      tree = solve_group(g, inputs, plan_by_name, config, timings)
+      with timings.phase("write"):
+        progress.save(g.index, tree)
       logging.info("group %d/%d: %d x %s ranks %s in %.1fs", g.index + 1,
                    len(groups), len(g.names), list(g.matrix_shape),
                    list(g.ranks), float(tree["seconds"]))
@@ -871,14 +895,18 @@ def recover(config: RecoverConfig, *,
   all_groups = {g.index for g in groups}
   while not all_groups <= progress.done():
     time.sleep(0.2)
-  progress.ingest_parts()
-  files, layers, averaged, solve_seconds = assemble(out_dir, inputs, plans,
-                                                   groups, progress)
+  with timings.phase("write"):
+    progress.ingest_parts()
+    files, layers, averaged, solve_seconds = assemble(out_dir, inputs, plans,
+                                                     groups, progress)
+    progress.close()
   report = _report(config, inputs, fp, plans, groups, layers, averaged, files,
                    t_start, len(done_before & all_groups), nproc)
   report["solve_seconds"] = solve_seconds
+  # Seconds by phase of this call (a resumed run counts only its own work);
+  # JAX's tracing and compiling, wherever it happened, under "compile".
+  report["timings"] = timings.summary()
   write_json_atomic(report_path, report)
-  progress.close()
   if nproc == 1:   # parts/ is for multi-process runs: no empty folder here
     try:
       os.rmdir(os.path.join(out_dir, PARTS_DIR))

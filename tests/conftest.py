@@ -1,5 +1,8 @@
 """Shared fixtures: tiny LoRA fine-tuned models on disk."""
 
+import os
+import tempfile
+
 import pytest
 
 from detune_jax.io.synthetic import make_lora_models
@@ -11,6 +14,11 @@ TINY_LAYERS = {"enc.0.q.weight": (32, 24), "enc.1.q.weight": (32, 24),
 TINY_FROZEN = {"enc.0.q.bias": (32,), "emb.weight": (10, 24),
                "norm.weight": (24,)}
 TINY_RANKS = (2, 2, 3, 4)
+
+# The binaries turn JAX's persistent compilation cache on (in the user's
+# cache folder by default): the tests' subprocesses share one of their own.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      tempfile.mkdtemp(prefix="detune_jax_test_cache_"))
 
 
 def make_tiny(root, **kwargs):

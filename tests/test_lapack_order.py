@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from lapack_order import concurrent_lapack_calls
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +40,7 @@ dj.estimate_rank(Wp)
 """
 
 
+@pytest.mark.slow    # about 90 s on 2 cores: it compiles every solver variant
 def test_no_two_batched_lapack_calls_run_at_once(tmp_path):
   dump = tmp_path / "hlo"
   env = dict(os.environ, PYTHONPATH=ROOT,

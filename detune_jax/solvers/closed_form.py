@@ -35,6 +35,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from detune_jax import programs
 from detune_jax.solvers import lowrank
 from detune_jax.solvers.spectral_detuning import (Rank, check_stack,
                                                   normalize_ranks,
@@ -50,6 +51,7 @@ class NotIdentifiableError(ValueError):
   """The closed form cannot determine ``W`` from these inputs."""
 
 
+@programs.register_output
 class IntersectionDiagnostics(NamedTuple):
   """What a closed-form solve found. A layer axis adds a leading ``L``.
 
@@ -263,9 +265,11 @@ def subspace_intersection_detuning(W_primes, rank: Rank, *, seed: int = 0,
     check_identifiable(n, (1,) * n, d, k)
   ranks = normalize_ranks(rank, n, d, k)
   check_identifiable(n, ranks, d, k)
-  return _solve(W_primes.astype(jnp.float32), jax.random.key(seed),
-                ranks=ranks, svd=svd, oversample=int(oversample),
-                niter=int(niter))
+  return programs.call(
+      _solve, "closed_form", (W_primes.astype(jnp.float32),
+                              jax.random.key(seed)),
+      dict(ranks=ranks, svd=svd, oversample=int(oversample),
+           niter=int(niter)))
 
 
 def low_rank_parts(W_primes, W, rank: Rank):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from detune_jax import memory
+from detune_jax import memory, programs
 from detune_jax.solvers import lowrank
 from detune_jax.solvers.schedule import (RankSchedule, rank_schedule_init,
                                          rank_schedule_step)
@@ -27,6 +27,7 @@ from detune_jax.solvers.schedule import (RankSchedule, rank_schedule_init,
 Rank = Union[int, Sequence[int]]
 
 
+@programs.register_output
 class Diagnostics(NamedTuple):
   """What a solve did. With a layer axis every field gains a leading ``L``.
 
@@ -531,6 +532,11 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
   # steps or none, and its program costs memory (about 13 MiB there).
   full_width = (alternating and len(set(ranks)) == 1 and width(r_end) == r_end
                 and steps >= 4 * _FULL_WIDTH_TAIL)
+  # A run of one step from an initial W (auto's polishing step) is step 0
+  # alone: no loop is compiled (the program compiles in about half the
+  # time, and the loops would not run).
+  if E0 is not None and steps == 1:
+    phases = []
   for j, (bound, wlevel) in enumerate(phases):
     last_phase = j == len(phases) - 1
     P, V = c[1][:2]
@@ -940,7 +946,9 @@ def spectral_detuning(W_primes, rank: Rank, steps: int = 300, *,
   del W_primes
   stop = jnp.asarray(steps if stop_after is None
                      else max(1, min(int(stop_after), int(steps))), jnp.int32)
-  return _solve(D, W_bar, jax.random.key(seed), init, W_true, stop, **statics)
+  return programs.call(_solve, "spectral_detuning",
+                       (D, W_bar, jax.random.key(seed), init, W_true, stop),
+                       statics, donate=(1,))
 
 
 def _static_options(shape, rank, steps, *, schedule, svd, tol, niter,
@@ -1008,8 +1016,10 @@ def precompile(shape: Sequence[int], rank: Rank, steps: int = 300, *,
   for sub in (_subtract_jit, _subtract_donating):
     sub.lower(stack, mean).compile()
   stop = jax.ShapeDtypeStruct((), jnp.int32)
-  compiled = _solve.lower(stack, mean, jax.random.key(seed), None, None,
-                          stop, **statics).compile()
+  key = jax.ShapeDtypeStruct((), jax.random.key(seed).dtype)
+  compiled = programs.lower(_solve, "spectral_detuning",
+                            (stack, mean, key, None, None, stop), statics,
+                            donate=(1,)).compile()
   analysis = compiled.memory_analysis()
   if trim:
     memory.trim_heap()
