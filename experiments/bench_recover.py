@@ -55,6 +55,9 @@ flags.DEFINE_string("solver", None, "recover's --solver (default: its "
                     "default).")
 flags.DEFINE_bool("reference", True, "Run the torch reference.")
 flags.DEFINE_integer("repeats", 3, "Cold and warm recover runs (medians).")
+flags.DEFINE_string("recover_pythonpath", None, "PYTHONPATH of the recover "
+                    "runs: another checkout's recover (e.g. a git worktree "
+                    "of an older commit) to compare with.")
 flags.DEFINE_string("official_dir", None, "A clone of the official code "
                     "(eliahuhorwitz/Spectral-DeTuning): run its script too.")
 FLAGS = flags.FLAGS
@@ -136,10 +139,14 @@ def main(argv):
     # run, the second one a later run of the same shapes.
     env = dict(os.environ,
                JAX_COMPILATION_CACHE_DIR=os.path.join(work, f"jax_cache_{r}"))
+    if FLAGS.recover_pythonpath:
+      env["PYTHONPATH"] = FLAGS.recover_pythonpath
     for label in runs:
       out_dir = os.path.join(work, f"{label.replace(' ', '_')}_{r}")
+      # (python -m puts the working directory first on the path.)
       wall = _run([py, "-m", "experiments.recover", *common, *solver,
-                   f"--output_dir={out_dir}"], env=env)
+                   f"--output_dir={out_dir}"], env=env,
+                  cwd=FLAGS.recover_pythonpath)
       with open(os.path.join(out_dir, "report.json")) as f:
         report = json.load(f)
       t = dict(report.get("timings", {}))
@@ -167,7 +174,8 @@ def main(argv):
   print(f"{'':20s}" + "".join(f"{p:>9s}" for p in PHASES))
   for label, (wall, _, t) in rows.items():
     if t is not None:
-      print(f"{label:20s}" + "".join(f"{t.get(p, 0.0):9.1f}" for p in PHASES))
+      print(f"{label:20s}" + "".join(
+          f"{t[p]:9.1f}" if p in t else f"{'n/a':>9s}" for p in PHASES))
 
 
 if __name__ == "__main__":
