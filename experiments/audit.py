@@ -51,6 +51,7 @@ import numpy as np
 
 import detune_jax as dj
 from detune_jax.io.errors import BadInputError, parse_flags
+from detune_jax import timings
 from detune_jax.io.progress import write_json_atomic
 from detune_jax.solvers import grid
 from detune_jax.solvers import registry
@@ -296,6 +297,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # JAX logs its backend search at INFO; bad input must stay one line.
   py_logging.getLogger("jax").setLevel(py_logging.WARNING)
+  # As recover: a second audit of the same shapes loads its programs.
+  timings.enable_compilation_cache()
   try:
     if not FLAGS.base:
       raise BadInputError("--base", "is required")
