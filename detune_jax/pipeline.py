@@ -65,8 +65,9 @@ from detune_jax import metrics
 from detune_jax.timings import Timings
 from detune_jax.io.errors import BadInputError
 from detune_jax.io.lowra import LowraBench
-from detune_jax.io.models import (ModelFiles, check_same_tensors,
-                                  output_layout, write_index)
+from detune_jax.io.models import (ModelFiles, check_distinct_paths,
+                                  check_same_tensors, output_layout,
+                                  write_index)
 from detune_jax.io.progress import (CHECKPOINT_DIR, PARTS_DIR, RUN_FILE,
                                     Progress, fingerprint, read_json,
                                     write_json_atomic)
@@ -299,6 +300,7 @@ def open_inputs(config: RecoverConfig) -> Inputs:
                         f"need at least 2 fine-tuned models, got "
                         f"{len(config.models)}")
   models = [ModelFiles(p) for p in config.models]
+  check_distinct_paths(models)
   check_same_tensors(models)
   gt = None
   if config.ground_truth:
@@ -391,14 +393,42 @@ def check_output_dir(out_dir: str, fp: str) -> Optional[dict]:
 # ------------------------------------------------------------------ scan
 
 
-def _scan_tensor(name, inputs: Inputs, rank, policy, config) -> Tuple[
-    TensorPlan, Optional[str]]:
-  """Plans one tensor; returns ``(plan, warning or None)``."""
+def _mark_distinct(distinct: np.ndarray, arrays) -> None:
+  """Sets ``distinct[i, j]`` where models ``i`` and ``j`` differ in this
+  tensor (``arrays``: its version in each model); pairs already known to
+  differ are not compared again."""
+  n = len(arrays)
+  for i in range(n):
+    for j in range(i + 1, n):
+      if not distinct[i, j] and not np.array_equal(
+          detection.bits(np.asarray(arrays[i])),
+          detection.bits(np.asarray(arrays[j]))):
+        distinct[i, j] = distinct[j, i] = True
+
+
+def _check_no_duplicates(models, distinct: np.ndarray) -> None:
+  """Bad input when two models are equal in every tensor."""
+  n = len(models)
+  for i in range(n):
+    for j in range(i + 1, n):
+      if not distinct[i, j]:
+        raise BadInputError(models[j].path, f"every tensor equals those of "
+                            f"{models[i].path}: the same model twice adds "
+                            "no information")
+
+
+def _scan_tensor(name, inputs: Inputs, rank, policy, config,
+                 distinct: Optional[np.ndarray] = None) -> Tuple[
+                     TensorPlan, Optional[str]]:
+  """Plans one tensor; returns ``(plan, warning or None)``. ``distinct``
+  (``[n, n]`` bool) gets the pairs of models that differ in it."""
   models = inputs.models
   info = models[0].info(name)
   arrays = [m.read(name) for m in models]
   if not detection.is_finetuned(arrays):
     return TensorPlan(name, info.dtype, info.shape, "copy"), None
+  if distinct is not None:
+    _mark_distinct(distinct, arrays)
   if info.dtype not in FLOAT_DTYPES:
     return (TensorPlan(name, info.dtype, info.shape, "first"),
             f"{name}: non-float tensor differs between models; copied from "
@@ -484,12 +514,19 @@ def scan(inputs: Inputs, config: RecoverConfig) -> List[TensorPlan]:
   policy = _parse_ambiguous(config.ambiguous_rank)
   pid, nproc = jax.process_index(), jax.process_count()
   local = np.zeros((len(names), 3 + n), np.int32)
+  distinct = np.zeros((n, n), bool)
   warnings, error = [], None
   for t in range(pid, len(names), nproc):
     try:
-      plan, warn = _scan_tensor(names[t], inputs, rank, policy, config)
+      plan, warn = _scan_tensor(names[t], inputs, rank, policy, config,
+                                distinct)
     except BadInputError as e:
       if nproc == 1:
+        # Two equal models (e.g. a rank that cannot be estimated from
+        # them) are the cause to report: look at the remaining tensors.
+        for name in names[t + 1:]:
+          _mark_distinct(distinct, [m.read(name) for m in models])
+        _check_no_duplicates(models, distinct)
         raise
       error = e
       local[t, 0] = -1
@@ -499,6 +536,8 @@ def scan(inputs: Inputs, config: RecoverConfig) -> List[TensorPlan]:
       warnings.append(warn)
   if nproc > 1:
     from jax.experimental import multihost_utils
+    distinct = np.asarray(multihost_utils.process_allgather(
+        distinct.astype(np.int32))).any(axis=0)
     gathered = np.asarray(multihost_utils.process_allgather(local))
     table = np.zeros_like(local)
     for t in range(len(names)):
@@ -513,6 +552,7 @@ def scan(inputs: Inputs, config: RecoverConfig) -> List[TensorPlan]:
                           tensor=names[t])
   else:
     table = local
+  _check_no_duplicates(models, distinct)
   # Warnings only once the scan has passed: bad input stays one line.
   for w in warnings:
     logging.warning("%s", w)

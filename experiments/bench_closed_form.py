@@ -1,8 +1,8 @@
 r"""Benchmark: the closed-form solver against 300 steps of Spectral DeTuning.
 
-Issue 5 asks for one-shot recovery "far faster than 300 iterations". This
-times, in one process on the same seeded synthetic stacks (exact float32
-low-rank updates ``W + B_i A_i``, ViT-sized layers), each layer solver of
+Is one-shot recovery far faster than 300 iterations? This times, in one
+process on the same seeded synthetic stacks (exact float32 low-rank updates
+``W + B_i A_i``, ViT-sized layers), each layer solver of
 :data:`detune_jax.solvers.registry.SOLVERS` that applies: one untimed call
 compiles it, then ``--repeats`` timed calls (medians; compilation is
 reported apart), with the W-Error of the result and the ratio of each

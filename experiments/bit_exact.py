@@ -11,9 +11,9 @@ bit-exactly and the W-Error by:
   ``--grid_shrink``, ``--grid_redecode_steps`` and ``--grid_momentum`` rows
   for other settings of the grid step's annealing, narrowed box, re-reading
   of the entries in doubt and extrapolated projections
-  (``auto+snap0.5+shrink0+redecode0+mom0`` is the sixth session's grid
-  step, ``auto+redecode0+mom0`` the fifteenth's, ``auto+mom0`` the
-  sixteenth's);
+  (``auto+snap0.5+shrink0+redecode0+mom0`` turns off the grid step's
+  snapping schedule, shrinking box, re-reading and momentum,
+  ``auto+redecode0+mom0`` only the last two, ``auto+mom0`` the last);
 * ``oracle``: ``grid_refine`` started from the true base (one round, no
   restart). It measures how
   much this estimator keeps when its start is right: what is lost from
@@ -99,13 +99,12 @@ def define_flags():
                     "as --grid_snap_from; rows e.g. 'auto+shrink0'.")
   flags.DEFINE_list("grid_redecode_steps", [str(registry.GRID_REDECODE_STEPS)],
                     "grid_refine's redecode_steps for the auto rows (0: no "
-                    "re-reading of the entries in doubt, the grid step before "
-                    "the sixteenth session), as --grid_snap_from; rows e.g. "
+                    "re-reading of the entries in doubt), as --grid_snap_from; "
+                    "rows e.g. "
                     "'auto+redecode0'.")
   flags.DEFINE_list("grid_momentum", [str(grid.MOMENTUM)],
                     "grid_refine's momentum for the auto rows (0: plain "
-                    "projections, the grid step before the seventeenth "
-                    "session), as --grid_snap_from; rows e.g. 'auto+mom0'.")
+                    "projections), as --grid_snap_from; rows e.g. 'auto+mom0'.")
   flags.DEFINE_list("grid_free_steps", [str(grid.FREE_STEPS)],
                     "grid_refine's free_steps for the auto rows (0: no free "
                     "projections before the alternation), as "
@@ -120,8 +119,8 @@ def define_flags():
                     "up to a minute per MiniLM layer).")
   flags.DEFINE_integer("explain_steps", 32000, "explain_releases's max_steps.")
   flags.DEFINE_float("explain_relax", grid.EXPLAIN_RELAX, "explain_releases's "
-                     "relax (1.9 with --explain_momentum=0: the search "
-                     "before the seventeenth session).")
+                     "relax (1.9 with --explain_momentum=0: the over-relaxed "
+                     "search without momentum).")
   flags.DEFINE_float("explain_momentum", grid.EXPLAIN_MOMENTUM,
                      "explain_releases's momentum.")
   flags.DEFINE_bool("explain_swaps", False, "With --explain, also look for "

@@ -81,14 +81,12 @@ def define_flags():
                     "entry).")
   flags.DEFINE_integer("grid_redecode_steps", registry.GRID_REDECODE_STEPS,
                        "auto's grid_redecode_steps (0: the grid step without "
-                       "re-reading the entries in doubt, as in the "
-                       "fourteenth session's runs).")
+                       "re-reading the entries in doubt).")
   flags.DEFINE_float("grid_momentum", grid.MOMENTUM, "auto's grid_momentum "
-                     "(0: plain projections, as in the runs before the "
-                     "seventeenth session).")
+                     "(0: plain projections).")
   flags.DEFINE_float("explain_relax", grid.EXPLAIN_RELAX, "explain_releases's "
                      "relax in every search (1.9 with --explain_momentum=0: "
-                     "the search before the seventeenth session).")
+                     "the over-relaxed search without momentum).")
   flags.DEFINE_float("explain_momentum", grid.EXPLAIN_MOMENTUM,
                      "explain_releases's momentum in every search.")
   flags.DEFINE_string("json_out", None, "Write the rows to this JSON file.")

@@ -105,9 +105,10 @@ _CACHE = flags.DEFINE_string(
     "cache, so that a second run of the same shapes skips compiling "
     "(default: $JAX_COMPILATION_CACHE_DIR, else "
     "~/.cache/detune_jax/jax_cache; '' turns it off).")
-_STOP_AFTER = flags.DEFINE_integer("stop_after_groups", 0, "Testing: kill "
-                                   "this process (SIGKILL) after this many "
-                                   "layer groups are checkpointed.")
+# Tests of resuming: kill this process (SIGKILL) once this many layer
+# groups are checkpointed. An environment variable, not a flag: users never
+# need it, and --help lists what users need.
+KILL_AFTER_GROUPS_ENV = "DETUNE_JAX_KILL_AFTER_GROUPS"
 
 
 def _kill_after(k):
@@ -129,6 +130,10 @@ def _summary(report, startup):
     print(f"W-Error: {report['solver']} {report['w_error']:.2f}  "
           f"Mean-LoRA {report['mean_lora_w_error']:.2f}  bit-exact weights "
           f"{100 * report['bit_exact_fraction']:.1f}%")
+    print(f"  (W-Error: log10 of the mean squared error to the true base, "
+          f"lower is better; {report['solver']}: the solver used; Mean-LoRA: "
+          f"the fine-tunes' average, the naive baseline; bit-exact: weights "
+          f"recovered bit for bit)")
   ex = report.get("explain")
   if ex and not ex["layers"]:
     print("explained by the releases: no bf16/fp16 layer to check")
@@ -156,7 +161,8 @@ def main(argv):
   try:
     pipeline.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value)
-    hook = _kill_after(_STOP_AFTER.value) if _STOP_AFTER.value > 0 else None
+    kill_after = int(os.environ.get(KILL_AFTER_GROUPS_ENV) or 0)
+    hook = _kill_after(kill_after) if kill_after > 0 else None
     options = dict(rank=_RANK.value, steps=_STEPS.value, seed=_SEED.value,
                    solver=_SOLVER.value, max_memory_gb=_MAX_MEMORY_GB.value,
                    ambiguous_rank=_AMBIGUOUS.value, plots=_PLOTS.value,
@@ -169,12 +175,15 @@ def main(argv):
                          if flag.value is not None)
     if grid_options:
       options["solver_options"] = grid_options
-    # Empty entries (a trailing comma) are dropped; a --models or
-    # --lowra_bench given with nothing in it is bad input, not the demo.
-    models = [m for m in _MODELS.value if m.strip()]
-    if _MODELS.present and not models:
+    # An empty entry (two commas, or one at an end) is bad input, as is a
+    # --models or --lowra_bench given with nothing in it (not the demo).
+    models = list(_MODELS.value)
+    if _MODELS.present and not any(m.strip() for m in models):
       raise BadInputError("--models", "is empty: give the fine-tuned models "
                           "(files or directories), comma separated")
+    if any(not m.strip() for m in models):
+      raise BadInputError("--models", f"has an empty entry ({','.join(models)}"
+                          "): give each model once, comma separated")
     if _LOWRA.present and not (_LOWRA.value or "").strip():
       raise BadInputError("--lowra_bench", "is empty: give the path of a "
                           "local LoWRA Bench copy")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import ml_dtypes
 import numpy as np
@@ -475,13 +476,23 @@ def test_two_models_warn_that_the_rank_split_is_a_guess(tiny_models, caplog):
   assert "two LoRA ranks" not in caplog.text
 
 
-def test_identical_models_warn_that_nothing_differs(tiny_models, tmp_path,
-                                                    caplog):
+def test_equal_models_are_bad_input(tiny_models, tmp_path):
+  """Two models equal in every tensor add no information: bad input naming
+  both, found while scanning, also where the rank estimate would fail on
+  them first (rank="auto")."""
   models, _ = tiny_models
-  report = pipeline.recover(_config([models[0]] * 3, tmp_path / "out"),
-                            progress_bar=False)
-  assert report["n_solved"] == 0 and report["n_averaged"] == 0
-  assert "no float tensor differs between the 3 models" in caplog.text
+  copy = tmp_path / "copy"
+  shutil.copytree(models[1], copy)
+  for rank in ("auto", "4"):
+    config = _config([models[0], models[1], str(copy)], tmp_path / "out",
+                     rank=rank)
+    with pytest.raises(BadInputError, match="every tensor equals") as e:
+      pipeline.recover(config, progress_bar=False)
+    assert str(copy) in str(e.value) and models[1] in str(e.value)
+    assert not os.path.exists(tmp_path / "out")
+  with pytest.raises(BadInputError, match="is the same model as"):
+    pipeline.recover(_config([models[0]] * 3, tmp_path / "out"),
+                     progress_bar=False)
 
 
 def test_explain_steps_checks_the_output_against_the_releases(tmp_path,

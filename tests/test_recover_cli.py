@@ -20,8 +20,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 100
 
 
-def _env(cache_dir=None):
+def _env(cache_dir=None, kill_after_groups=None):
   env = dict(os.environ)
+  if kill_after_groups:
+    env["DETUNE_JAX_KILL_AFTER_GROUPS"] = str(kill_after_groups)
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   if cache_dir:
     env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
@@ -32,9 +34,10 @@ def _cmd(*flags):
   return [sys.executable, "-m", "experiments.recover", *flags]
 
 
-def _run(*flags, cache_dir=None, timeout=300):
+def _run(*flags, cache_dir=None, timeout=300, kill_after_groups=None):
   return subprocess.run(_cmd(*flags), capture_output=True, text=True,
-                        cwd=ROOT, env=_env(cache_dir), timeout=timeout)
+                        cwd=ROOT, env=_env(cache_dir, kill_after_groups),
+                        timeout=timeout)
 
 
 class _Evil:
@@ -100,6 +103,7 @@ def bad_inputs(tmp_path_factory):
   shutil.copy(os.path.join(m1, "model.safetensors"),
               root / "peft" / "adapter_model.safetensors")
   (root / "peft" / "adapter_config.json").write_text('{"r": 2}')
+  os.symlink(root / "loop", root / "loop")
   other = root / "other_run"
   other.mkdir()
   (other / "run.json").write_text(json.dumps({"fingerprint": "0" * 64}))
@@ -118,7 +122,12 @@ def bad_inputs(tmp_path_factory):
       "lowra_too_few_loras": [],
       "empty_models": [],              # --models= is not the demo
       "comma_models": ["", ""],        # --models=,
-      "trailing_comma": [m0, ""],      # one model and an empty entry
+      "trailing_comma": [m0, m1, ""],  # an empty entry at the end
+      "empty_entry": [m0, "", m1],     # --models=a,,b
+      "same_path_twice": [m0, m1, m0],
+      "file_and_its_dir": [m0, m1, os.path.join(m0, "model.safetensors")],
+      "equal_copy": [m0, m1, variant("copy", lambda d: None)],
+      "symlink_loop": [m0, m1, str(root / "loop")],
       "output_under_a_file": [m0, m1],
       "peft_adapter": [m0, m1, str(root / "peft")],
   }
@@ -148,7 +157,12 @@ EXPECT = {
     "different_run": "different run",
     "lowra_too_few_loras": "'lora_5_rank' missing",
     "empty_models": "--models: is empty", "comma_models": "--models: is empty",
-    "trailing_comma": "got 1",
+    "trailing_comma": "--models: has an empty entry",
+    "empty_entry": "--models: has an empty entry",
+    "same_path_twice": "is the same model as",
+    "file_and_its_dir": "model.safetensors: is the same model as",
+    "equal_copy": "copy: every tensor equals those of",
+    "symlink_loop": "loop: symbolic link loop",
     "output_under_a_file": "model.bin is not a directory",
     "peft_adapter": "peft: is a PEFT adapter, not a merged model",
 }
@@ -182,7 +196,7 @@ def test_kill_then_resume_matches_uninterrupted_run(tiny_models, tmp_path):
   out = tmp_path / "out"
   flags = [f"--models={','.join(models)}", f"--output_dir={out}",
            f"--steps={STEPS}", f"--ground_truth={base}"]
-  killed = _run(*flags, "--stop_after_groups=1", cache_dir=cache)
+  killed = _run(*flags, cache_dir=cache, kill_after_groups=1)
   assert killed.returncode == -9, killed.stderr[-2000:]
   assert not os.path.exists(out / "model.safetensors")
   assert sorted(os.listdir(out / "checkpoint")) == ["0"]
@@ -215,6 +229,13 @@ def test_embedded_demo_runs(tmp_path):
   line = [l for l in res.stdout.splitlines() if l.startswith("W-Error")][0]
   ours, mean = float(line.split()[2]), float(line.split()[4])
   assert ours < -12 and mean > -6
+
+
+def test_help_lists_user_flags_only():
+  res = _run("--help")
+  text = res.stdout + res.stderr
+  assert "--models" in text and "--compilation_cache" in text
+  assert "Testing" not in text and "kill" not in text
 
 
 def test_grid_flags(tmp_path):

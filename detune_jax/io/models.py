@@ -9,6 +9,7 @@ name and never opened; so are PEFT adapters (``adapter_config.json``,
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -50,8 +51,7 @@ class ModelFiles:
     self.path = str(path)
     self.sharded = False
     self.index_metadata: Dict = {}
-    if not os.path.exists(self.path):
-      raise BadInputError(self.path, "no such file or directory")
+    _check_exists(self.path)
     if os.path.isdir(self.path):
       if any(os.path.exists(os.path.join(self.path, f)) for f in PEFT_FILES):
         _refuse_peft(self.path)
@@ -170,6 +170,34 @@ class ModelFiles:
 
   def describe(self, name: str) -> str:
     return self.file_of(name)
+
+
+def _check_exists(path: str):
+  """Bad input for a path that is missing, or a symlink loop (which
+  ``os.path.exists`` reports as missing)."""
+  try:
+    os.stat(path)
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      raise BadInputError(path, "symbolic link loop")
+    raise BadInputError(path, "no such file or directory")
+
+
+def files_of(model: ModelFiles) -> List[str]:
+  """The real paths of a model's files."""
+  return [os.path.realpath(sf.path) for _, sf in model.shards]
+
+
+def check_distinct_paths(models: Sequence[ModelFiles]):
+  """Bad input when two models are the same files (the same path twice, or
+  a file given once as a file and once through its directory)."""
+  seen = {}
+  for m in models:
+    key = tuple(files_of(m))
+    if key in seen:
+      raise BadInputError(m.path, f"is the same model as {seen[key].path} "
+                          "(given twice: it adds no information)")
+    seen[key] = m
 
 
 def check_same_tensors(models: Sequence[ModelFiles]):

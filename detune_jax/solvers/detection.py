@@ -11,7 +11,9 @@ from typing import Sequence
 import numpy as np
 
 
-def _bits(a):
+def bits(a):
+  """The bytes of an array (any dtype, bfloat16 included): equal arrays are
+  equal bit for bit, nan payloads and signed zeros included."""
   a = np.ascontiguousarray(a)
   return a.reshape(-1).view(np.uint8)
 
@@ -27,5 +29,5 @@ def is_finetuned(tensors: Sequence) -> bool:
   >>> is_finetuned([np.ones(3), np.ones(3)]), is_finetuned([np.ones(3), np.zeros(3)])
   (False, True)
   """
-  first = _bits(np.asarray(tensors[0]))
-  return any(not np.array_equal(first, _bits(np.asarray(t))) for t in tensors[1:])
+  first = bits(np.asarray(tensors[0]))
+  return any(not np.array_equal(first, bits(np.asarray(t))) for t in tensors[1:])

@@ -45,9 +45,10 @@ MOMENTUM = 0.9
 # Projections of the updates alone before the grid step's alternation
 # (grid_refine's ``free_steps``).
 FREE_STEPS = 100
-# explain_releases' projections: heavy-ball momentum, no over-relaxation
-# (before the seventeenth session: relax 1.9, no momentum; docs/results.md,
-# "Momentum in the grid step's projections").
+# explain_releases' projections: heavy-ball momentum, no over-relaxation:
+# they find witnesses several times sooner than over-relaxed ones (relax
+# 1.9, no momentum; docs/results.md, "Momentum in the grid step's
+# projections").
 EXPLAIN_RELAX = 1.0
 EXPLAIN_MOMENTUM = 0.9
 _UINT = {2: jnp.uint16, 4: jnp.uint32}
@@ -617,9 +618,9 @@ def explain_releases(W_primes, W, rank: Rank, *, max_steps: int = 32000,
   On the real MiniLM fine-tunes released in bf16 (384x384 layers, n=3,
   r=16) the true base is explained within 250 projections on every layer
   and ``auto``'s output within 500. Over-relaxed by 1.9 without momentum
-  (the default before the seventeenth session) the true base took up to
-  3750, and the eighth session's grid step's output up to 27000
-  (docs/results.md, "Momentum in the grid step's projections").
+  the true base took up to 3750, and the output of the grid step without
+  re-reading or momentum up to 27000 (docs/results.md, "Momentum in the
+  grid step's projections").
 
   Args:
     W_primes: ``[n, d, k]`` or ``[L, n, d, k]`` bfloat16/float16 releases.

@@ -87,7 +87,7 @@ def takes_grid_step(solver: str) -> bool:
   return solver != "mean_lora"
 
 
-# --- Few fine-tunes (issue 5): closed form, refinement, automatic choice. ---
+# --- Few fine-tunes: closed form, refinement, automatic choice. ---
 
 from detune_jax.solvers import closed_form as _cf  # noqa: E402
 from detune_jax.solvers import grid as _grid  # noqa: E402
@@ -115,10 +115,10 @@ POLISH_STEPS = 1
 # -> 96.6% (n=3) and 97.7% -> 97.8% (n=5), against 96.7% / 97.8% for the
 # grid step started from the true base; `auto` takes about 1.3x to 1.9x as
 # long (docs/results.md, "Bit-exact weights of bf16 releases"). A small
-# gain since the seventh session's alternation, kept: the most weights back
-# is what the tool is for. With momentum (seventeenth session): 97.42% ->
-# 97.44% on the MiniLM fine-tunes, none at 1024x1024 r=8, for 1.2x to 1.5x
-# the time (docs/results.md, "Momentum in the grid step's projections").
+# gain, kept: the most weights back is what the tool is for. With the
+# projections' momentum: 97.42% -> 97.44% on the MiniLM fine-tunes, none at
+# 1024x1024 r=8, for 1.2x to 1.5x the time (docs/results.md, "Momentum in
+# the grid step's projections").
 GRID_RESTARTS = 1
 
 # Alternations of the grid step per round. 1000 gained 0.12 points of
