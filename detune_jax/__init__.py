@@ -35,5 +35,25 @@ from detune_jax.solvers import (Explanation, GridDiagnostics,
                                 rounding_interval,
                                 subspace_intersection_detuning)
 from detune_jax.solvers.registry import SOLVERS, solve
+from detune_jax.timings import enable_compilation_cache
 
 __version__ = "0.1.0"
+
+__all__ = [
+    # Solving: one entry point, and the solvers it dispatches to.
+    "SOLVERS", "solve", "spectral_detuning", "subspace_intersection_detuning",
+    "mean_lora", "grid_refine", "precompile", "enable_compilation_cache",
+    # Their settings and diagnostics.
+    "RankSchedule", "RankScheduleState", "rank_schedule_init",
+    "rank_schedule_step", "Diagnostics", "IntersectionDiagnostics",
+    "GridDiagnostics", "NotIdentifiableError",
+    # Ranks and fine-tuned layers.
+    "estimate_rank", "estimate_rank_details", "RankEstimate",
+    "RankEstimationError", "is_finetuned", "truncated_svd",
+    # Metrics.
+    "w_error", "layer_w_errors", "detuning_loss", "lora_ft_w_error",
+    "bit_exact_fraction",
+    # Low-precision releases.
+    "explain_releases", "Explanation", "first_order_margin",
+    "interval_estimate", "round_to_grid", "rounding_interval",
+]

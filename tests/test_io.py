@@ -285,16 +285,6 @@ def test_progress_roundtrip_and_parts(tmp_path):
   assert p.done() == {3, 5}
 
 
-@pytest.mark.parametrize("name", ["detune_jax.io.errors",
-                                  "detune_jax.io.safetensors_io",
-                                  "detune_jax.pipeline"])
-def test_docstring_examples(name):
-  import doctest
-  import importlib
-  result = doctest.testmod(importlib.import_module(name))
-  assert result.attempted > 0 and result.failed == 0
-
-
 def _raw_file(path, header, data=b"\0" * 64):
   raw = json.dumps(header).encode()
   with open(path, "wb") as f:
