@@ -50,6 +50,7 @@ same output directory (a shared filesystem).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -901,24 +902,27 @@ def recover(config: RecoverConfig, *,
   logging.info("%d layer groups (%d here, %d already done)", len(groups),
                len(mine), len(mine) - len(todo))
   bar = None
+  logs = contextlib.nullcontext()
   if progress_bar:
     from tqdm import tqdm
     bar = tqdm(total=sum(len(g.names) for g in mine),
                initial=sum(len(g.names) for g in mine if g not in todo),
                unit="layer", desc=f"recover[{pid}]" if nproc > 1 else "recover",
                dynamic_ncols=True)
+    logs = _logs_above_the_bar()
   try:
-    for count, g in enumerate(todo, 1):
-      tree = solve_group(g, inputs, plan_by_name, config, timings)
-      with timings.phase("write"):
-        progress.save(g.index, tree)
-      logging.info("group %d/%d: %d x %s ranks %s in %.1fs", g.index + 1,
-                   len(groups), len(g.names), list(g.matrix_shape),
-                   list(g.ranks), float(tree["seconds"]))
-      if bar is not None:
-        bar.update(len(g.names))
-      if on_group_done is not None:
-        on_group_done(count)
+    with logs:
+      for count, g in enumerate(todo, 1):
+        tree = solve_group(g, inputs, plan_by_name, config, timings)
+        with timings.phase("write"):
+          progress.save(g.index, tree)
+        logging.info("group %d/%d: %d x %s ranks %s in %.1fs", g.index + 1,
+                     len(groups), len(g.names), list(g.matrix_shape),
+                     list(g.ranks), float(tree["seconds"]))
+        if bar is not None:
+          bar.update(len(g.names))
+        if on_group_done is not None:
+          on_group_done(count)
   finally:
     if bar is not None:
       bar.close()
@@ -955,6 +959,31 @@ def recover(config: RecoverConfig, *,
   if config.plots:
     _make_plots(report, out_dir)
   return report
+
+
+@contextlib.contextmanager
+def _logs_above_the_bar():
+  """Log lines written while the progress bar shows go above it (through
+  ``tqdm.write``), not into the bar's line."""
+  from absl import logging as absl_logging
+  from tqdm import tqdm
+  handler = absl_logging.get_absl_handler().python_handler
+  stream = handler.stream
+
+  class _AboveTheBar:
+
+    def write(self, text):
+      if text.strip():
+        tqdm.write(text.rstrip("\n"), file=stream)
+
+    def flush(self):
+      stream.flush()
+
+  handler.stream = _AboveTheBar()
+  try:
+    yield
+  finally:
+    handler.stream = stream
 
 
 def _report(config, inputs, fp, plans, groups, layers, averaged, files,

@@ -203,6 +203,9 @@ def test_kill_then_resume_matches_uninterrupted_run(tiny_models, tmp_path):
   done = _run(*flags, "--plots", cache_dir=cache)
   assert done.returncode == 0, done.stderr[-2000:]
   assert "W-Error: auto" in done.stdout
+  # Log lines go above the progress bar, never into its line.
+  for line in done.stderr.replace("\r", "\n").splitlines():
+    assert not ("layer/s" in line and "pipeline.py" in line), line
   report = json.loads((out / "report.json").read_text())
   assert report["resumed_groups"] == 1 and report["w_error"] < -10
   for png in ("loss_curves.png", "w_error_hist.png",
