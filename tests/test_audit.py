@@ -265,7 +265,7 @@ def audit_bad_inputs(tmp_path_factory):
       "truncated": (base, [m0, m1, trunc], "trunc/model.safetensors"),
       "empty": (base, [m0, m1, str(root / "empty")],
                 "empty/model.safetensors"),
-      "identical": (base, [m0, m0], "no fine-tuned layer"),
+      "identical": (base, [m0, m0], "is the same model as"),
       "rank_too_large": (base, [m0, m1, m2], "'t.weight': --rank 13 is too "
                          "large"),
   }

@@ -46,6 +46,8 @@ def test_no_two_batched_lapack_calls_run_at_once(tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT,
              XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
                         f" --xla_dump_to={dump} --xla_dump_hlo_as_text"))
+  # Every program compiled here, none loaded from a compilation cache.
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
   subprocess.run([sys.executable, "-c", _PROGRAMS], env=env, cwd=ROOT,
                  check=True, capture_output=True, timeout=600)
   programs = glob.glob(str(dump / "*after_optimizations.txt"))
