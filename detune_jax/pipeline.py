@@ -9,13 +9,16 @@ again with the same settings resumes where it stopped.
 
 Steps:
 
-1. Open and check the inputs (names, shapes, dtypes, file integrity) and the
-   output directory (``OUT/run.json`` must hold the same run fingerprint).
+1. Open and check the inputs (names, shapes, dtypes, file integrity, no
+   model given twice) and the output directory (``OUT/run.json`` must hold
+   the same run fingerprint).
 2. Scan: read each tensor of the n models (memory-mapped, one tensor at a
    time). Bit-identical tensors are copied through. A differing tensor of 2+
    dims is a LoRA layer (conv kernels ``[o, i, kh, kw]`` are solved as
    ``[o, i*kh*kw]``); its values must be finite, and with ``rank="auto"`` its
    per-LoRA ranks are estimated (:func:`detune_jax.estimate_rank_details`).
+   Two models equal in every tensor are bad input (they add no
+   information), found from the tensors as they are compared.
    A differing tensor with fewer than 2 axes once leading size-1 axes are
    dropped (bias, norm, a ViT ``cls_token`` ``[1, 1, d]``) cannot be a LoRA
    update: it is written as the mean of the models and listed under
@@ -506,7 +509,8 @@ def scan(inputs: Inputs, config: RecoverConfig) -> List[TensorPlan]:
   Raises:
     BadInputError: non-finite values in a fine-tuned tensor, a rank too
       large for a layer, an ambiguous rank with ``ambiguous_rank="error"``,
-      a fine-tuned tensor missing from the ground truth.
+      a fine-tuned tensor missing from the ground truth, two models equal
+      in every tensor.
   """
   models = inputs.models
   names = list(models[0].names)
