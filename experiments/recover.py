@@ -105,6 +105,9 @@ _CACHE = flags.DEFINE_string(
     "cache, so that a second run of the same shapes skips compiling "
     "(default: $JAX_COMPILATION_CACHE_DIR, else "
     "~/.cache/detune_jax/jax_cache; '' turns it off).")
+# Where the embedded example goes without --output_dir.
+DEMO_DIR = "detune_demo"
+
 # Tests of resuming: kill this process (SIGKILL) once this many layer
 # groups are checkpointed. An environment variable, not a flag: users never
 # need it, and --help lists what users need.
@@ -188,7 +191,13 @@ def main(argv):
       raise BadInputError("--lowra_bench", "is empty: give the path of a "
                           "local LoWRA Bench copy")
     if _DEMO.value or not (_MODELS.present or _LOWRA.present):
-      report = pipeline.demo(_OUTPUT_DIR.value, steps=_STEPS.value,
+      out_dir, work_dir = _OUTPUT_DIR.value, None
+      if not out_dir:
+        # The example's models and recovery go to a folder the README
+        # names, in the working directory, not to a temporary one.
+        work_dir = os.path.abspath(DEMO_DIR)
+        out_dir = os.path.join(work_dir, "recovered")
+      report = pipeline.demo(out_dir, work_dir=work_dir, steps=_STEPS.value,
                              seed=_SEED.value, plots=_PLOTS.value,
                              max_memory_gb=_MAX_MEMORY_GB.value,
                              solver=_SOLVER.value,
