@@ -6,7 +6,7 @@ second for a solver's program, as long as the solve itself on a small model.
 :func:`call` keeps the lowered program too (``jax.export``, serialized), in
 ``<compilation cache>/detune_jax_programs``, keyed by the function, its
 static arguments, the shapes and dtypes of its arguments, the versions of
-JAX and of this package's solver sources, and the XLA flags; a later process
+JAX and of this package's sources, and the XLA flags; a later process
 loads it and goes straight to the (cached) compile.
 
 It is used only while JAX's persistent compilation cache is on (see
