@@ -3,11 +3,13 @@ r"""Recovers the pre-fine-tuning model from n LoRA fine-tuned models.
     python -m experiments.recover --models=ft_0,ft_1,ft_2 --output_dir=OUT
     python -m experiments.recover --lowra_bench=PATH --subset=vit \
         --n_loras=5 --output_dir=OUT --rank=16
-    python -m experiments.recover            # the embedded demo
+    python -m experiments.recover            # the embedded demo (./detune_demo)
 
 Writes OUT/model.safetensors (sharded like the input), OUT/report.json and an
-orbax checkpoint (OUT/checkpoint) for resuming. Bad input exits with status 2
-and one line on stderr. See detune_jax.pipeline for the details.
+orbax checkpoint (OUT/checkpoint) for resuming, and prints where its time
+went. Compiled programs are kept in ~/.cache/detune_jax/jax_cache (see
+--compilation_cache). Bad input exits with status 2 and one line on stderr.
+See detune_jax.pipeline for the details.
 """
 
 import time
