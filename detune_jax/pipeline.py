@@ -177,6 +177,12 @@ class Group(NamedTuple):
   matrix_shape: Tuple[int, int]
   ranks: Tuple[int, ...]
 
+  @property
+  def rank_arg(self):
+    """The solvers' ``rank``: one int when every LoRA has it, else the
+    per-LoRA ranks."""
+    return self.ranks[0] if len(set(self.ranks)) == 1 else tuple(self.ranks)
+
 
 def matrix_shape(shape: Sequence[int]) -> Tuple[int, int]:
   """The 2-D matrix a tensor is solved as: ``[d, prod(rest)]``.
@@ -639,8 +645,7 @@ def solve_group(group: Group, inputs: Inputs, plans: Dict[str, TensorPlan],
   d, k = group.matrix_shape
   n = len(inputs.models)
   L = len(group.names)
-  ranks = group.ranks
-  rank_arg = ranks[0] if len(set(ranks)) == 1 else tuple(ranks)
+  rank_arg = group.rank_arg
   solver_only = [k for k, _ in config.solver_options
                  if k not in registry.GRID_OPTIONS]
   if (config.solver == "spectral_detuning" and not solver_only
@@ -672,8 +677,7 @@ def _finish_group(W, diag, stack, group, inputs, plans, config, t0):
   """The checkpoint tree of a solved group (see :func:`solve_group`)."""
   d, k = group.matrix_shape
   L = len(group.names)
-  rank_arg = group.ranks[0] if len(set(group.ranks)) == 1 else tuple(
-      group.ranks)
+  rank_arg = group.rank_arg
   tree = {}
   w_err = np.full(L, np.nan, np.float32)
   mean_err = np.full(L, np.nan, np.float32)

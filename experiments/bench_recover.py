@@ -45,6 +45,8 @@ import numpy as np
 from absl import app, flags
 from safetensors.numpy import load_file
 
+from detune_jax import metrics
+
 flags.DEFINE_string("minilm_dir", os.path.join("~", ".cache", "detune_jax",
                                                "minilm_finetunes"),
                     "Output of experiments.build_minilm_finetunes.")
@@ -103,8 +105,7 @@ def _errors(path, base):
   errs = {}
   for name, W in got.items():
     if name in base and W.ndim == 2 and not np.array_equal(W, base[name]):
-      errs[name] = float(np.log10(np.mean(
-          (W.astype(np.float64) - base[name]) ** 2)))
+      errs[name] = float(metrics.layer_w_error(W, base[name]))
   return errs
 
 

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from detune_jax import memory, parallel
+from detune_jax import memory, metrics, parallel
 from detune_jax.solvers.spectral_detuning import precompile
 from experiments import stacks
 
@@ -384,8 +384,7 @@ def run_real_case(case: str, n: int, steps: int, torch) -> Dict:
                                  svd=FLAGS.svd)
   jax.block_until_ready(got)
   wall = time.perf_counter() - start
-  mine = [float(np.log10(max(np.mean((np.asarray(got[l]) - W[l]) ** 2),
-                             1e-30))) for l in range(len(names))]
+  mine = [float(e) for e in metrics.layer_w_errors(got, W)]
   res = dict(n=n, rank=r, names=names, detune_jax=mine, detune_jax_wall=wall,
              detune_jax_first_call_s=first_s)
   if torch is not None:
@@ -396,8 +395,7 @@ def run_real_case(case: str, n: int, steps: int, torch) -> Dict:
       W_ref, _, _, sec = reference_torch.spectral_detuning(
           torch.from_numpy(np.ascontiguousarray(Wp[l])), r, steps)
       ref_wall += sec
-      ref.append(float(np.log10(max(np.mean(
-          (W_ref.numpy() - W[l]) ** 2), 1e-30))))
+      ref.append(float(metrics.layer_w_error(W_ref.numpy(), W[l])))
     res.update(reference=ref, reference_wall=ref_wall)
   return res
 

@@ -297,7 +297,7 @@ def stall_reference(stall_layer):
     torch.manual_seed(seed)
     W, _, _, _ = reference_torch.spectral_detuning(
         torch.from_numpy(W_primes), 16, 300)
-    errs[seed] = float(np.log10(np.mean((W.numpy() - W_true) ** 2)))
+    errs[seed] = float(dj.w_error(W.numpy(), W_true))
   return errs
 
 

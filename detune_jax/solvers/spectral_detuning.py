@@ -307,12 +307,9 @@ def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
       # C_i = u diag(S) w^T from its Gram matrix C C^T: u is orthonormal, so
       # U = Q u is, and U diag(S) (X w)^T = Q C X^T whatever the rounding of
       # S and w in C's small directions.
-      lam, u = jnp.linalg.eigh(jnp.einsum("npq,nrq->npr", C, C))
-      lam, u = lam[:, ::-1], u[:, :, ::-1]
-      S = jnp.sqrt(jnp.maximum(lam, 0.0))
-      keep = S > 1e-6 * S[:, :1]
-      inv = jnp.where(keep, 1.0 / jnp.where(keep, S, 1.0), 0.0)
-      S = jnp.where(keep, S, 0.0)
+      u, S, inv = jax.vmap(lowrank.svd_of_gram)(
+          jnp.einsum("npq,nrq->npr", C, C))
+      S = jnp.where(inv > 0, S, 0.0)     # as U: the loss counts sum S^2
       U = jnp.einsum("ndp,npq->ndq", Q, u)
       Tw = jnp.einsum("nap,nrp,nrs->nas", T, C, u) * inv[:, None, :]
       V_new = jnp.einsum("nkp,npq->nkq", V, Tw)
