@@ -27,14 +27,14 @@ from detune_jax.solvers import (Diagnostics, RankEstimate, RankEstimationError,
                                 precompile,
                                 rank_schedule_init, rank_schedule_step,
                                 spectral_detuning, truncated_svd)
-from detune_jax.solvers import (Explanation, GridDiagnostics,
+from detune_jax.solvers import (Explanation, GridDiagnostics, GridSettings,
                                 IntersectionDiagnostics, NotIdentifiableError,
                                 bit_exact_fraction, explain_releases,
                                 first_order_margin, grid_refine,
                                 interval_estimate, round_to_grid,
                                 rounding_interval,
                                 subspace_intersection_detuning)
-from detune_jax.solvers.registry import SOLVERS, solve
+from detune_jax.solvers.registry import SOLVERS, SolveDiagnostics, solve
 from detune_jax.timings import enable_compilation_cache
 
 __version__ = "0.1.0"
@@ -45,8 +45,9 @@ __all__ = [
     "mean_lora", "grid_refine", "precompile", "enable_compilation_cache",
     # Their settings and diagnostics.
     "RankSchedule", "RankScheduleState", "rank_schedule_init",
-    "rank_schedule_step", "Diagnostics", "IntersectionDiagnostics",
-    "GridDiagnostics", "NotIdentifiableError",
+    "rank_schedule_step", "GridSettings", "Diagnostics",
+    "IntersectionDiagnostics", "GridDiagnostics", "SolveDiagnostics",
+    "NotIdentifiableError",
     # Ranks and fine-tuned layers.
     "estimate_rank", "estimate_rank_details", "RankEstimate",
     "RankEstimationError", "is_finetuned", "truncated_svd",

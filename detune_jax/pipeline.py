@@ -77,7 +77,9 @@ from detune_jax.io.progress import (CHECKPOINT_DIR, PARTS_DIR, RUN_FILE,
                                     write_json_atomic)
 from detune_jax.io.safetensors_io import DTYPES, FLOAT_DTYPES, SafetensorsWriter
 from detune_jax.parallel import solve_layers
-from detune_jax.solvers import detection, grid, rank_estimation, registry
+from detune_jax.solvers import (detection, grid, grid_diagnostics,
+                                rank_estimation, registry)
+from detune_jax.solvers.grid import GridSettings
 from detune_jax.solvers.spectral_detuning import precompile
 
 # 2: layer groups are split by dtype too (a checkpoint of format 1 may hold
@@ -103,12 +105,11 @@ class RecoverConfig:
       takes the closed form for n >= 3 (polished by one step, refined where
       ill-posed) and
       Spectral DeTuning otherwise.
-    solver_options: extra keyword arguments of the solver, and of the
-      dtype-aware step (``grid_restarts``, ``grid_steps``,
-      ``grid_redecode_steps``, ``grid_momentum``, ``grid_free_steps``; see
-      :func:`detune_jax.solvers.registry.solve`).
+    solver_options: extra keyword arguments of the solver.
     dtype_aware: for layers released in bfloat16/float16, refine the
       recovery on that dtype's grid (the base was released on it too).
+    grid: settings of that grid step (:class:`detune_jax.GridSettings`; the
+      defaults are the tool's, others serve ablations).
     max_memory_gb: memory budget of one batch of layers.
     ground_truth: optional path of the true base model (evaluation only).
     lowra_bench: path of a local LoWRA Bench copy (instead of ``models``).
@@ -139,6 +140,7 @@ class RecoverConfig:
   solver: str = "auto"
   solver_options: Tuple[Tuple[str, object], ...] = ()
   dtype_aware: bool = True
+  grid: GridSettings = GridSettings()
   max_memory_gb: float = 4.0
   ground_truth: Optional[str] = None
   lowra_bench: Optional[str] = None
@@ -320,12 +322,24 @@ def open_inputs(config: RecoverConfig) -> Inputs:
   return Inputs(models, gt, identity, None)
 
 
+def grid_options(grid_settings: GridSettings) -> List[Tuple[str, object]]:
+  """The settings of ``grid_settings`` off their defaults, as ``(name,
+  value)`` pairs named ``grid_<field>`` (how the report and the run's
+  fingerprint record them beside the solver's options)."""
+  default = GridSettings()
+  return [(f"grid_{name}", value)
+          for name, value in grid_settings._asdict().items()
+          if value != getattr(default, name)]
+
+
 def run_fingerprint(config: RecoverConfig, inputs: Inputs) -> str:
   """Fingerprint of everything that changes the output files."""
   return fingerprint({
       "format": FORMAT_VERSION, "inputs": inputs.identity,
       "rank": str(config.rank), "steps": config.steps, "seed": config.seed,
-      "solver": config.solver, "solver_options": list(config.solver_options),
+      "solver": config.solver,
+      "solver_options": (list(config.solver_options)
+                         + grid_options(config.grid)),
       "dtype_aware": config.dtype_aware, "max_memory_gb": config.max_memory_gb,
       "ambiguous_rank": str(config.ambiguous_rank),
       "max_rank": config.max_rank,
@@ -646,9 +660,7 @@ def solve_group(group: Group, inputs: Inputs, plans: Dict[str, TensorPlan],
   n = len(inputs.models)
   L = len(group.names)
   rank_arg = group.rank_arg
-  solver_only = [k for k, _ in config.solver_options
-                 if k not in registry.GRID_OPTIONS]
-  if (config.solver == "spectral_detuning" and not solver_only
+  if (config.solver == "spectral_detuning" and not config.solver_options
       and len(jax.local_devices()) == 1):
     # Compile from the shape before the stack is read, and give the
     # compiler's heap back (a cache hit for later groups of this shape).
@@ -666,11 +678,29 @@ def solve_group(group: Group, inputs: Inputs, plans: Dict[str, TensorPlan],
   with timings.phase("solve"):
     W, diag = solve_layers(stack, rank_arg, devices=jax.local_devices(),
                            solver=config.solver, steps=config.steps,
-                           seed=config.seed, **grid_opts,
+                           seed=config.seed, grid=config.grid, **grid_opts,
                            **dict(config.solver_options))
     W = np.asarray(W, np.float32)
+  _log_grid_skips(diag, grid_opts.get("input_dtype"), config.grid)
   with timings.phase("evaluate"):
     return _finish_group(W, diag, stack, group, inputs, plans, config, t0)
+
+
+def _log_grid_skips(diag, dtype, grid_settings: GridSettings):
+  """Warns of the layers whose grid step was skipped (``diag``: the
+  solver's :class:`detune_jax.SolveDiagnostics`)."""
+  if diag.grid_kept is None:
+    return
+  off = ~np.asarray(diag.grid_kept)
+  if off.any():
+    logging.warning(
+        "grid step skipped on %d of %d layers: it ends with the releases "
+        "not consistent with a base on the %s grid (consistent fraction "
+        "%.2f < %.2f; e.g. fine-tunes of a float32 base each rounded on its "
+        "own, or two releases, which do not pin the base); those layers "
+        "keep the solver's estimate", off.sum(), off.size, dtype,
+        float(np.min(np.asarray(diag.grid.consistent_fraction))),
+        float(grid_settings.min_consistent))
 
 
 def _finish_group(W, diag, stack, group, inputs, plans, config, t0):
@@ -693,9 +723,10 @@ def _finish_group(W, diag, stack, group, inputs, plans, config, t0):
     if config.explain_steps and p.dtype in ("BF16", "F16"):
       # The output as written, against the releases as read (one layer at a
       # time: the search holds float64 copies of the layer's stack).
-      ex = grid.explain_releases(stack[l].astype(dtype), out.reshape(d, k),
-                                 rank_arg, max_steps=config.explain_steps,
-                                 seed=config.seed)
+      ex = grid_diagnostics.explain_releases(stack[l].astype(dtype), out.reshape(d, k),
+                                             rank_arg,
+                                             max_steps=config.explain_steps,
+                                             seed=config.seed)
       explained[l] = int(ex.explained)
       reproduced[l] = float(ex.reproduced)
     if gt is not None:
@@ -1006,7 +1037,8 @@ def _report(config, inputs, fp, plans, groups, layers, averaged, files,
       "solver": config.solver, "dtype_aware": config.dtype_aware,
       "solver_options": {
           k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)
-          for k, v in config.solver_options},
+          for k, v in (list(config.solver_options)
+                       + grid_options(config.grid))},
       "rank": str(config.rank),
       "ambiguous_rank": str(config.ambiguous_rank), "steps": config.steps,
       "seed": config.seed, "max_memory_gb": config.max_memory_gb,

@@ -47,32 +47,6 @@ _SOLVER = flags.DEFINE_string(
 _DTYPE_AWARE = flags.DEFINE_bool(
     "dtype_aware", True, "For layers released in bfloat16/float16, refine the "
     "recovery on that dtype's grid (--nodtype_aware turns it off).")
-_GRID_RESTARTS = flags.DEFINE_integer(
-    "grid_restarts", None, "Restarts of the dtype-aware grid step (default: "
-    "detune_jax.solvers.registry.GRID_RESTARTS, one). 0: about 0.65-0.85x "
-    "the time for 0.02 points fewer bit-exact weights on real fine-tunes "
-    "(docs/results.md).", lower_bound=0)
-_GRID_STEPS = flags.DEFINE_integer(
-    "grid_steps", None, "Alternations of the dtype-aware grid step per round "
-    "(default: detune_jax.solvers.registry.GRID_STEPS, 100). 1000: about 3x "
-    "the time for no gain in bit-exact weights on real fine-tunes "
-    "(docs/results.md).", lower_bound=1)
-_GRID_REDECODE = flags.DEFINE_integer(
-    "grid_redecode_steps", None, "Projections of the dtype-aware grid step's "
-    "re-reading of the entries in doubt (default: "
-    "detune_jax.solvers.registry.GRID_REDECODE_STEPS, 300). 0: off, about "
-    "0.3-0.5x the time of auto for 0.5-0.6 points fewer bit-exact weights "
-    "(real MiniLM fine-tunes, 1024x1024 r=8; docs/results.md).",
-    lower_bound=0)
-_GRID_MOMENTUM = flags.DEFINE_float(
-    "grid_momentum", None, "Heavy-ball momentum of the dtype-aware grid "
-    "step's projections, in [0, 1) (default: "
-    "detune_jax.solvers.grid.MOMENTUM, 0.9). 0: plain projections, up to "
-    "1/1.2 of the time for 0.1-1.1 points fewer bit-exact weights "
-    "(docs/results.md).",
-    lower_bound=0.0)
-flags.register_validator("grid_momentum", lambda v: v is None or v < 1.0,
-                         message="--grid_momentum must be below 1")
 _EXPLAIN_STEPS = flags.DEFINE_integer(
     "explain_steps", 0, "0, or check each bf16/fp16 layer's output against "
     "the releases, with no ground truth: look (at most this many "
@@ -173,13 +147,6 @@ def main(argv):
                    ambiguous_rank=_AMBIGUOUS.value, plots=_PLOTS.value,
                    dtype_aware=_DTYPE_AWARE.value,
                    explain_steps=_EXPLAIN_STEPS.value)
-    grid_options = tuple((name, flag.value) for name, flag in (
-        ("grid_restarts", _GRID_RESTARTS), ("grid_steps", _GRID_STEPS),
-        ("grid_redecode_steps", _GRID_REDECODE),
-        ("grid_momentum", _GRID_MOMENTUM))
-                         if flag.value is not None)
-    if grid_options:
-      options["solver_options"] = grid_options
     # An empty entry (two commas, or one at an end) is bad input, as is a
     # --models or --lowra_bench given with nothing in it (not the demo).
     models = list(_MODELS.value)
@@ -204,7 +171,6 @@ def main(argv):
                              max_memory_gb=_MAX_MEMORY_GB.value,
                              solver=_SOLVER.value,
                              dtype_aware=_DTYPE_AWARE.value,
-                             solver_options=options.get("solver_options", ()),
                              explain_steps=_EXPLAIN_STEPS.value)
       _summary(report, startup)
       return 0

@@ -267,37 +267,51 @@ def test_bf16_release_is_refined_on_the_grid_by_default(tmp_path):
   assert on["w_error"] <= off["w_error"]
 
 
-def test_grid_options_reach_the_grid_step(tmp_path, monkeypatch):
-  from detune_jax.solvers import grid, registry
+def test_grid_settings_reach_the_grid_step(tmp_path, monkeypatch):
+  from detune_jax import GridSettings
+  from detune_jax.solvers import grid
   models, base = make_tiny(tmp_path / "m", dtype=ml_dtypes.bfloat16)
   seen = []
   real = grid.grid_refine
 
   def spy(*args, **kwargs):
     seen.append((kwargs["restarts"], kwargs["steps"],
-                 kwargs["redecode_steps"],
-                 kwargs.get("momentum", grid.MOMENTUM),
-                 kwargs.get("free_steps", grid.FREE_STEPS)))
+                 kwargs["redecode_steps"], kwargs["momentum"],
+                 kwargs["free_steps"]))
     return real(*args, **kwargs)
 
   monkeypatch.setattr(grid, "grid_refine", spy)
   default = pipeline.recover(_config(models, tmp_path / "a"),
                              progress_bar=False)
-  assert seen and set(seen) == {(registry.GRID_RESTARTS, registry.GRID_STEPS,
-                                  registry.GRID_REDECODE_STEPS,
-                                  grid.MOMENTUM, grid.FREE_STEPS)}
+  tool = GridSettings()
+  assert seen and set(seen) == {(tool.restarts, tool.steps,
+                                 tool.redecode_steps, tool.momentum,
+                                 tool.free_steps)}
   seen.clear()
-  options = (("grid_restarts", 0), ("grid_steps", 7),
-             ("grid_redecode_steps", 0), ("grid_momentum", 0.5),
-             ("grid_free_steps", 3))
-  off = pipeline.recover(_config(models, tmp_path / "b",
-                                 solver_options=options),
+  ablation = GridSettings(restarts=0, steps=7, redecode_steps=0, momentum=0.5,
+                          free_steps=3)
+  off = pipeline.recover(_config(models, tmp_path / "b", grid=ablation),
                          progress_bar=False)
   assert seen and set(seen) == {(0, 7, 0, 0.5, 3)}
+  # The report records the settings off their defaults, by name.
   assert default["solver_options"] == {}
   assert off["solver_options"] == {"grid_restarts": 0, "grid_steps": 7,
                                    "grid_redecode_steps": 0,
                                    "grid_momentum": 0.5, "grid_free_steps": 3}
+  inputs = pipeline.open_inputs(_config(models, "x"))
+  assert (pipeline.run_fingerprint(_config(models, "x"), inputs) !=
+          pipeline.run_fingerprint(_config(models, "x", grid=ablation), inputs))
+
+
+def test_skipped_grid_steps_are_logged_by_the_pipeline(tmp_path, caplog):
+  # Forced on every layer (no layer can reach a consistent fraction above 1).
+  models, _ = make_tiny(tmp_path / "m", dtype=ml_dtypes.bfloat16)
+  from detune_jax import GridSettings
+  pipeline.recover(_config(models, tmp_path / "out",
+                           grid=GridSettings(min_consistent=1.5)),
+                   progress_bar=False)
+  assert "grid step skipped on 2 of 2 layers" in caplog.text
+  assert "on the bfloat16 grid" in caplog.text
 
 
 def test_iterative_solver_reports_its_steps_and_loss_curve(tiny_models,
@@ -497,7 +511,7 @@ def test_equal_models_are_bad_input(tiny_models, tmp_path):
 
 def test_explain_steps_checks_the_output_against_the_releases(tmp_path,
                                                              tiny_models):
-  from detune_jax.solvers import grid
+  from detune_jax.solvers import grid_diagnostics
   models, base = make_tiny(tmp_path / "m", dtype=ml_dtypes.bfloat16)
   cfg = _config(models, tmp_path / "auto", explain_steps=4000)
   auto = pipeline.recover(cfg, progress_bar=False)
@@ -522,9 +536,9 @@ def test_explain_steps_checks_the_output_against_the_releases(tmp_path,
   out = ModelFiles(str(tmp_path / "auto")).read(layer["name"])
   stack = np.stack([ModelFiles(m).read(layer["name"]) for m in models])
   d, k = layer["matrix_shape"]
-  direct = grid.explain_releases(stack.reshape(-1, d, k),
-                                 np.asarray(out, np.float32).reshape(d, k),
-                                 tuple(layer["ranks"]), max_steps=4000)
+  direct = grid_diagnostics.explain_releases(
+      stack.reshape(-1, d, k), np.asarray(out, np.float32).reshape(d, k),
+      tuple(layer["ranks"]), max_steps=4000)
   assert bool(direct.explained) == layer["explained"]
   assert float(direct.reproduced) == layer["reproduced_fraction"]
   # Off by default, and part of the run's fingerprint only when on.

@@ -14,8 +14,10 @@ from detune_jax.solvers.spectral_detuning import (Diagnostics, precompile,
 from detune_jax.solvers.closed_form import (IntersectionDiagnostics,
                                             NotIdentifiableError,
                                             subspace_intersection_detuning)
-from detune_jax.solvers.grid import (Explanation, GridDiagnostics,
-                                     bit_exact_fraction, explain_releases,
-                                     first_order_margin, grid_refine,
+from detune_jax.solvers.grid import (GridDiagnostics, GridSettings,
+                                     bit_exact_fraction, grid_refine,
                                      interval_estimate, round_to_grid,
                                      rounding_interval)
+from detune_jax.solvers.grid_diagnostics import (Explanation,
+                                                 explain_releases,
+                                                 first_order_margin)
