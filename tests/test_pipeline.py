@@ -320,8 +320,8 @@ def test_iterative_solver_reports_its_steps_and_loss_curve(tiny_models,
   models, base = tiny_models
   # The solver is compiled from each group's shape before its stack is read.
   shapes = []
-  real = pipeline.precompile
-  monkeypatch.setattr(pipeline, "precompile",
+  real = pipeline.solve.precompile
+  monkeypatch.setattr(pipeline.solve, "precompile",
                       lambda shape, *a, **kw: (shapes.append(shape),
                                                real(shape, *a, **kw))[1])
   report = pipeline.recover(_config(models, tmp_path / "out",
@@ -414,7 +414,7 @@ def test_unwritable_output_dir_is_refused_before_the_scan(tiny_models,
   def no_scan(*args, **kwargs):
     raise AssertionError("scanned before checking the output directory")
 
-  monkeypatch.setattr(pipeline, "scan", no_scan)
+  monkeypatch.setattr(pipeline.run, "scan", no_scan)
   under_file = os.path.join(models[0], "model.safetensors", "sub")
   with pytest.raises(BadInputError, match="is not a directory"):
     pipeline.recover(_config(models, under_file), progress_bar=False)

@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from detune_jax.io import ModelFiles, write_model
 from test_io import write_lowra_parquet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The head of an absl log line, e.g. "I1207 14:10:15.283484 1404825 run.py:12]".
+ABSL_PREFIX = re.compile(r"[IWEF]\d{4} [\d:.]+ +\d+ \w+\.py:\d+\]")
 STEPS = 100
 
 
@@ -205,7 +208,7 @@ def test_kill_then_resume_matches_uninterrupted_run(tiny_models, tmp_path):
   assert "W-Error: auto" in done.stdout
   # Log lines go above the progress bar, never into its line.
   for line in done.stderr.replace("\r", "\n").splitlines():
-    assert not ("layer/s" in line and "pipeline.py" in line), line
+    assert not ("layer/s" in line and ABSL_PREFIX.search(line)), line
   report = json.loads((out / "report.json").read_text())
   assert report["resumed_groups"] == 1 and report["w_error"] < -10
   for png in ("loss_curves.png", "w_error_hist.png",
