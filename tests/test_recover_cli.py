@@ -201,6 +201,8 @@ def test_kill_then_resume_matches_uninterrupted_run(tiny_models, tmp_path):
            f"--steps={STEPS}", f"--ground_truth={base}"]
   killed = _run(*flags, cache_dir=cache, kill_after_groups=1)
   assert killed.returncode == -9, killed.stderr[-2000:]
+  # A first run compiles its programs for seconds: the bar says so.
+  assert "compiling" in killed.stderr
   assert not os.path.exists(out / "model.safetensors")
   assert sorted(os.listdir(out / "checkpoint")) == ["0"]
   done = _run(*flags, "--plots", cache_dir=cache)
