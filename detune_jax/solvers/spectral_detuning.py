@@ -12,6 +12,7 @@ Solves, for one layer, ``min_{W, M_i} sum_i ||W'_i - W - M_i||_F^2`` subject to
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -21,7 +22,8 @@ import numpy as np
 
 from detune_jax import memory, programs
 from detune_jax.solvers import lowrank
-from detune_jax.solvers.schedule import (RankSchedule, rank_schedule_init,
+from detune_jax.solvers.schedule import (RankSchedule, RankScheduleState,
+                                         rank_schedule_init,
                                          rank_schedule_step)
 
 Rank = Union[int, Sequence[int]]
@@ -215,367 +217,714 @@ def _left_products(Q, D, batch: int = 1):
 
 
 # The last steps of a run take the SVD left step even where the full-width
-# one applies: the full-width steps' states sit at a slightly higher float32
-# noise floor (24 real MiniLM layers, n=5, r=16: mean final W-Error -17.37
-# against -17.50 with every step's SVD); with these 16 steps at the end,
-# -17.50 (per-layer median difference 0.007; one-off, docs/results.md).
+# one applies, because the full-width steps' states sit at a slightly higher
+# float32 noise floor (24 real MiniLM layers, n=5, r=16: mean final W-Error
+# -17.37 against -17.50 with every step's SVD, and -17.50 with these 16
+# steps at the end; one-off, docs/results.md).
 _FULL_WIDTH_TAIL = 16
 
 
-def _solve_layer(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule,
-                 svd, tol, niter, oversample, exact_loss, refine, alternate,
-                 batch=1):
-  """Spectral DeTuning for one layer given ``D = W'_i - W_bar`` (traceable).
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """Static options of one layer's solve (see :func:`spectral_detuning`).
 
-  The state is factored: ``M_i = P_i V_i^T`` (``P_i = U_i diag(S_i)``, rank
-  ``q``) and ``W = W_bar - E`` with ``E = mean_i M_i``. A residual
-  ``W'_i - W = D_i + E`` is never formed for the ``"subspace"`` method: its
-  products with thin matrices are ``D_i X + E X`` with ``E X`` done through
-  the factors, so each step touches the dense stack in thin products only:
-  one per LoRA (``D_i V_i`` or ``U_i^T D_i``) with ``alternate``, two
-  (``D_i V_i`` and ``Q_i^T D_i``) without.
+  ``exact_loss`` is already forced on where the loss from norms does not
+  apply (``tol``, the dense SVD methods); ``batch`` is the number of layers
+  solved together under vmap, which sizes the blocks of rows.
   """
-  n, d, k = D.shape
-  r_end = max(ranks)
-  levels = rank_levels(schedule, r_end)
+  n: int
+  d: int
+  k: int
+  ranks: tuple[int, ...]
+  steps: int
+  schedule: RankSchedule
+  svd: str
+  tol: Optional[float]
+  niter: int
+  oversample: int
+  exact_loss: bool
+  refine: int
+  alternate: bool
+  batch: int = 1
 
-  def width(level):
+  @property
+  def end_rank(self) -> int:
+    return max(self.ranks)
+
+  @property
+  def scale(self) -> float:
+    """Turns a sum of squared residuals into the loss of Eq. 3."""
+    return 1.0 / (self.n * self.d * self.k)
+
+  @property
+  def alternating(self) -> bool:
+    """Whether steps alternate between a right and a left one-sided M-step."""
+    return self.svd == "subspace" and self.alternate
+
+  @property
+  def phases(self) -> tuple[tuple[int, int], ...]:
+    """``((bound, level), ...)`` of :func:`rank_phases`: one loop each."""
+    return rank_phases(rank_levels(self.schedule, self.end_rank))
+
+  def width(self, level: int) -> int:
     """Columns of the factors while the scheduler's rank is ``level``."""
-    return level if svd == "exact" else min(level + oversample, d, k)
+    if self.svd == "exact":
+      return level
+    return min(level + self.oversample, self.d, self.k)
 
-  q = width(r_end)
-  ranks_arr = jnp.asarray(ranks, jnp.int32)
-  exact_loss = exact_loss or svd != "subspace" or tol is not None
-  # sum_i ||D_i||^2, summed per slice (no reduction over the stacked axis).
+
+class _Layer(NamedTuple):
+  """One layer's arrays, as every step reads them (see :func:`_prepare`)."""
+  D: jax.Array                  # [n, d, k] deviations W'_i - W_bar
+  W_bar: jax.Array              # [d, k] float32 mean of the W'_i
+  key: jax.Array                # seed of the sketches
+  end_ranks: jax.Array          # [n] int32 rank of each LoRA
+  sum_d2: jax.Array             # sum_i ||D_i||^2
+  E0: Optional[jax.Array]       # W_bar - init; None where init is W_bar
+  W_true: Optional[jax.Array]   # [d, k] ground truth, for the W-Error trace
+  mean_d: Optional[jax.Array]   # [d, k] mean_i D_i, only with W_true
+  omega: jax.Array              # [k, q] orthonormal Gaussian sketch
+
+
+class _SolverState(NamedTuple):
+  """Carry of the solver's ``lax.while_loop``s.
+
+  The state is factored: ``M_i = P_i V_i^T`` and ``W = W_bar - E`` with
+  ``E = mean_i M_i``. ``EV`` and ``T`` are carried by the alternating steps
+  only (``None`` otherwise): each left step forms them for the next right
+  step.
+  """
+  step: jax.Array                       # int32 steps taken
+  P: jax.Array                          # [n, d, q] P_i = U_i diag(S_i)
+  V: jax.Array                          # [n, k, q]
+  EV: Optional[jax.Array]               # [n, d, q] E V_i
+  T: Optional[jax.Array]                # [n, q, q], V_i T_i orthonormal
+  sched: RankScheduleState
+  loss_trace: jax.Array                 # [steps] float32, nan when not taken
+  rank_trace: jax.Array                 # [steps, n] int32, 0 when not taken
+  w_error_trace: Optional[jax.Array]    # [steps] float32, only with W_true
+  loss: jax.Array                       # loss of the last step taken
+  done: jax.Array                       # bool: ``tol`` met
+
+
+class _Step(NamedTuple):
+  """What one M-step and W-step produced."""
+  rank: jax.Array                   # [n] int32 working rank of each LoRA
+  P: jax.Array                      # [n, d, q] new factors, M_i = P_i V_i^T
+  V: jax.Array                      # [n, k, q]
+  loss: jax.Array                   # loss of Eq. 3 after the step
+  w_error: Optional[jax.Array]      # log10 MSE(W - W_true), only with W_true
+
+
+# E = mean_i M_i, the shift of W from W_bar, takes one of three forms: None
+# (zero: the solve starts from the mean), a dense [d, k] array (the start
+# from ``init``) or the factors (P, V) of the M_i (every later step).
+
+def _e_times(E, X):
+  """``E @ X_i`` for every i; ``X``: ``[n, k, p]``."""
+  if E is None:
+    return 0.0
+  if isinstance(E, tuple):
+    return _lowrank_apply(*E, X)
+  return jnp.einsum("dk,ikp->idp", E, X)
+
+
+def _t_times_e(E, Q):
+  """``Q_i^T @ E`` for every i; ``Q``: ``[n, d, p]``."""
+  if E is None:
+    return 0.0
+  if isinstance(E, tuple):
+    return _lowrank_apply_t(*E, Q)
+  return jnp.einsum("idp,dk->ipk", Q, E)
+
+
+def _dense_e(E):
+  """``E`` (dense or factored, not None) as a dense ``[d, k]`` array."""
+  if isinstance(E, tuple):
+    P, V = E
+    return jnp.einsum("jdq,jkq->dk", P, V) / P.shape[0]
+  return E
+
+
+# The M-steps. Each returns ``(U [n, d, q], S [n, q], V [n, k, q], DV)``:
+# the truncated SVDs ``U_i diag(S_i) V_i^T`` of the residuals ``R_i = D_i +
+# E``, and ``DV = diag(U_i^T D_i V_i)`` ``[n, q]`` for the loss from norms
+# (``None`` from the dense SVDs, whose loss is always exact).
+
+def _m_step_both(D, V, E, omega, batch):
+  """One block power step: ``R_i V_i``, then ``Q_i^T R_i`` (two passes).
+
+  Args:
+    D: ``[n, d, k]`` deviations from the mean.
+    V: ``[n, k, q]`` current right factors.
+    E: the current ``E`` (see :func:`_e_times`).
+    omega: the sketch; its first ``q`` columns fill directions the
+      residuals lack.
+    batch: layers solved together (sizes :func:`_left_products`).
+
+  Returns:
+    ``(U, S, V, DV)`` as the M-steps above.
+  """
+  Y = jnp.einsum("ndk,nkq->ndq", D, V) + _e_times(E, V)
+  # Gram-Schmidt, not lowrank.orthonormalize: a basis from Y's Gram matrix
+  # loses the residual's small directions (see _m_step_right).
+  Q = jax.vmap(lowrank.gram_schmidt)(Y)[0]
+  B_d = _left_products(Q, D, batch)                              # Q_i^T D_i
+  u, S, V_new = jax.vmap(lowrank.svd_rows, in_axes=(0, None))(
+      B_d + _t_times_e(E, Q), omega[:, :V.shape[-1]])
+  U = jnp.einsum("ndq,nqp->ndp", Q, u)
+  DV = jnp.einsum("nqp,nqk,nkp->np", u, B_d, V_new)
+  return U, S, V_new, DV
+
+
+def _m_step_right(D, V, EV, T):
+  """Rayleigh-Ritz approximation of each ``R_i`` in the row space of ``V_i``.
+
+  The row space's orthonormal basis is ``X_i = V_i T_i`` (the left step's
+  ``V`` is orthonormal only in its informative columns; the rest are
+  fill). ``X`` is never formed: ``R_i X_i = (D_i V_i + E V_i) T_i``, so the
+  one pass over the stack is ``D_i V_i`` and the rest are ``q x q``
+  products.
+
+  Args:
+    D: ``[n, d, k]`` deviations from the mean.
+    V: ``[n, k, q]`` right factors of the left step.
+    EV: ``[n, d, q]`` ``E V_i``, formed by the left step.
+    T: ``[n, q, q]`` transforms with ``V_i T_i`` orthonormal, formed by the
+      left step from its ``E V_i`` product (an ``eigh`` here would compete
+      with the pass for the cores).
+
+  Returns:
+    ``(U, S, V, DV)`` as the M-steps above.
+  """
+  Y = jnp.einsum("ndk,nkq->ndq", D, V)                           # D_i V_i
+  Yc = Y + EV                                                    # R_i V_i
+  # Z_i = R_i X_i = Q_i C_i by Gram-Schmidt, not from its Gram matrix, which
+  # squares Z_i's condition number: real fine-tunes' residuals have one
+  # direction hundreds of times their rank's last, which float32 then loses
+  # (the solver stalled at a W-Error of about -8 on the stall fixture of
+  # tests/test_solver.py).
+  Q, C = jax.vmap(lowrank.gram_schmidt)(jnp.einsum("ndp,npq->ndq", Yc, T))
+  # C_i = u diag(S) w^T from the Gram matrix C C^T: u is orthonormal, so U =
+  # Q u is, and U diag(S) (X w)^T = Q C X^T whatever the rounding of S and w
+  # in C's small directions.
+  u, S, inv = jax.vmap(lowrank.svd_of_gram)(jnp.einsum("npq,nrq->npr", C, C))
+  S = jnp.where(inv > 0, S, 0.0)         # as U: the loss counts sum S^2
+  U = jnp.einsum("ndp,npq->ndq", Q, u)
+  Tw = jnp.einsum("nap,nrp,nrs->nas", T, C, u) * inv[:, None, :]
+  V_new = jnp.einsum("nkp,npq->nkq", V, Tw)
+  DV = jnp.einsum("ndp,ndq,nqp->np", U, Y, Tw)    # diag(U_i^T Y_i T_i w_i)
+  return U, S, V_new, DV
+
+
+def _m_step_left(D, U, UtE, omega, batch):
+  """Rayleigh-Ritz approximation of each ``R_i`` in the column space of ``U_i``.
+
+  Args:
+    D: ``[n, d, k]`` deviations from the mean.
+    U: ``[n, d, q]`` orthonormal left basis of the right step.
+    UtE: ``[n, q, k]`` ``U_i^T E``, formed by the right step.
+    omega: the sketch; its first ``q`` columns fill directions the
+      residuals lack.
+    batch: layers solved together (sizes :func:`_left_products`).
+
+  Returns:
+    ``(U, S, V, DV)`` as the M-steps above.
+  """
+  B_d = _left_products(U, D, batch)                              # U_i^T D_i
+  u, S, V_new = jax.vmap(lowrank.svd_rows, in_axes=(0, None))(
+      B_d + UtE, omega[:, :U.shape[-1]])
+  U_new = jnp.einsum("ndq,nqp->ndp", U, u)
+  DV = jnp.einsum("nqp,nqk,nkp->np", u, B_d, V_new)
+  return U_new, S, V_new, DV
+
+
+def _m_step_left_full(D, U, UtE, omega, batch):
+  """:func:`_m_step_left` where every LoRA works at the full width ``q``.
+
+  The M-step then keeps all of ``R_i``'s projection, ``M_i = U_i U_i^T R_i
+  = U_i B_i``, so no SVD is needed: the factors are ``U``, ``S_p =
+  ||B_i[p]||`` and ``V[:, p] = B_i[p]^T / S_p``, unit but not orthogonal
+  columns (the right step's ``T`` makes them so). ``||M_i||^2 = sum S^2``
+  as ``U`` is orthonormal, and ``<D_i, M_i> = <U_i^T D_i, B_i>``.
+
+  Args: as :func:`_m_step_left`.
+
+  Returns:
+    ``(U, S, V, DV)`` as the M-steps above.
+  """
+  B_d = _left_products(U, D, batch)                              # U_i^T D_i
+  B = B_d + UtE
+  S = jnp.sqrt(jnp.sum(B * B, axis=2))                           # [n, q]
+  # Rows of B at zero (directions the residual lacks) take the fill
+  # columns, as in lowrank.svd_rows.
+  keep = S > 1e-6 * jnp.max(S, axis=1, keepdims=True)
+  inv = jnp.where(keep, 1.0 / jnp.where(keep, S, 1.0), 0.0)
+  V_new = jnp.where(keep[:, None, :], jnp.swapaxes(B, 1, 2) * inv[:, None, :],
+                    omega[:, :U.shape[-1]])
+  DV = jnp.sum(B_d * B, axis=2) * inv
+  return U, jnp.where(keep, S, 0.0), V_new, DV
+
+
+def _m_step_randomized(R, width, key, niter):
+  """Randomized SVDs (as ``torch.svd_lowrank``) of the dense ``R_i``."""
+  return jax.vmap(lambda a: lowrank.svd_randomized(a, width, key, niter))(R)
+
+
+def _m_step_exact(R, width):
+  """Exact truncated SVDs of the dense ``R_i``."""
+  return jax.vmap(lambda a: lowrank.svd_exact(a, width))(R)
+
+
+def _m_step_plain(layer, cfg, E, V, t):
+  """The M-step of a step that is not one of the alternating ones.
+
+  Picks the variant of ``cfg.svd`` (statically, while tracing).
+
+  Args:
+    layer: the layer's arrays.
+    cfg: static options.
+    E: the current ``E`` (see :func:`_e_times`).
+    V: ``[n, k, q]`` current right factors (their width is the M-step's).
+    t: the step's index (seeds the randomized SVD).
+
+  Returns:
+    ``(U, S, V, DV)`` as the M-steps above.
+  """
+  if cfg.svd == "subspace":
+    return _m_step_both(layer.D, V, E, layer.omega, cfg.batch)
+  R = layer.D + _dense_e(E)[None]
+  if cfg.svd == "randomized":
+    U, S, V_new = _m_step_randomized(R, V.shape[-1],
+                                     jax.random.fold_in(layer.key, t),
+                                     cfg.niter)
+  else:
+    U, S, V_new = _m_step_exact(R, V.shape[-1])
+  return U, S, V_new, None
+
+
+def _w_step(layer, cfg, rank, U, S, V):
+  """Truncates an M-step to the working ranks and takes the W-step.
+
+  Args:
+    layer: the layer's arrays.
+    cfg: static options.
+    rank: ``[n]`` working rank of each LoRA.
+    U, S, V: the M-step's factors.
+
+  Returns:
+    ``(P, S_m, E)``: the new ``P = U diag(S_m)``, ``S_m`` (``S`` with the
+    columns past each working rank at zero) and the dense ``E``, formed only
+    where the exact loss or the W-Error needs it (else ``None``).
+  """
+  cols = jnp.arange(V.shape[-1])
+  S_m = jnp.where(cols[None, :] < rank[:, None], S, 0.0)
+  P = U * S_m[:, None, :]
+  dense = cfg.exact_loss or layer.W_true is not None
+  return P, S_m, _dense_e((P, V)) if dense else None
+
+
+def _exact_loss(D, P, V, E, scale):
+  """Eq. 3 on the dense residuals ``D_i + E - M_i``, one LoRA at a time."""
+  per = [jnp.sum(jnp.square(D[i] + E - P[i] @ V[i].T))
+         for i in range(D.shape[0])]
+  return functools.reduce(jnp.add, per) * scale
+
+
+def _gram_loss(sum_d2, P, V, S_m, DV, scale):
+  """Eq. 3 from norms, with ``||M_i||^2`` and ``||E||^2`` from Gram matrices.
+
+  ``sum_i ||D_i + E - M_i||^2 = sum_i ||D_i||^2 - 2 <D_i, M_i> + ||M_i||^2 -
+  n ||E||^2``, using ``sum_i D_i = 0`` and ``sum_i M_i = n E``. Exact up to
+  float32 rounding of ``sum_i ||D_i||^2`` (about 1e-7 of it): far below
+  every loss the scheduler acts on, as it acts only while some LoRA is
+  below its end rank. ``V`` is orthonormal only to rounding, so its Gram
+  matrix is used, not 1.
+  """
+  n = P.shape[0]
+  G_pv = (jnp.einsum("idp,jdq->ijpq", P, P)
+          * jnp.einsum("ikp,jkq->ijpq", V, V))
+  e2 = jnp.sum(G_pv) / (n * n)
+  m2 = jnp.sum(jnp.diagonal(G_pv, axis1=0, axis2=1))
+  total = sum_d2 - 2.0 * jnp.sum(S_m * DV) + m2 - n * e2
+  return jnp.maximum(total, 0.0) * scale
+
+
+def _products_loss(sum_d2, S_m, DV, em, scale):
+  """Eq. 3 from norms as :func:`_gram_loss`, with no ``n x n`` Gram matrices.
+
+  ``n ||E||^2 = sum_i <E, M_i>`` from ``em[i] = <E, M_i>``, read off a
+  product with ``E`` that the next step needs anyway, and ``||M_i||^2 = sum
+  S_m^2``: the alternating steps' factors are orthonormal to rounding, a
+  relative error of about 1e-6 of ``||M_i||^2``, far below the losses the
+  scheduler acts on.
+  """
+  total = sum_d2 - 2.0 * jnp.sum(S_m * DV) + jnp.sum(S_m * S_m) - jnp.sum(em)
+  return jnp.maximum(total, 0.0) * scale
+
+
+def _w_error(layer, E):
+  """``log10 MSE(W - W_true)`` of the state with dense ``E``, or None."""
+  if layer.W_true is None:
+    return None
+  return _log10_mse(_compose(layer.W_bar, layer.mean_d, E), layer.W_true)
+
+
+def _plain_step(layer, cfg, E, V, t, sched) -> _Step:
+  """One M-step (:func:`_m_step_plain`) and W-step.
+
+  Args:
+    layer: the layer's arrays.
+    cfg: static options.
+    E: the current ``E`` (see :func:`_e_times`).
+    V: ``[n, k, q]`` current right factors.
+    t: the step's index.
+    sched: the scheduler's state, whose rank the step works at.
+
+  Returns:
+    The step's :class:`_Step`.
+  """
+  rank = jnp.minimum(sched.rank, layer.end_ranks)
+  U, S, V, DV = _m_step_plain(layer, cfg, E, V, t)
+  P, S_m, E = _w_step(layer, cfg, rank, U, S, V)
+  if cfg.exact_loss:
+    loss = _exact_loss(layer.D, P, V, E, cfg.scale)
+  else:
+    loss = _gram_loss(layer.sum_d2, P, V, S_m, DV, cfg.scale)
+  return _Step(rank, P, V, loss, _w_error(layer, E))
+
+
+def _right_step(layer, cfg, state: _SolverState):
+  """The first of two alternating steps (:func:`_m_step_right`).
+
+  Returns:
+    ``(step, U, UtE)``: the :class:`_Step`, the M-step's orthonormal left
+    basis ``U`` and ``U_i^T E`` of the new ``E``, which the left step
+    takes.
+  """
+  rank = jnp.minimum(state.sched.rank, layer.end_ranks)
+  U, S, V, DV = _m_step_right(layer.D, state.V, state.EV, state.T)
+  P, S_m, E = _w_step(layer, cfg, rank, U, S, V)
+  UtE = _lowrank_apply_t(P, V, U)
+  em = jnp.einsum("ip,ipk,ikp->i", S_m, UtE, V)                  # <E, M_i>
+  if cfg.exact_loss:
+    loss = _exact_loss(layer.D, P, V, E, cfg.scale)
+  else:
+    loss = _products_loss(layer.sum_d2, S_m, DV, em, cfg.scale)
+  return _Step(rank, P, V, loss, _w_error(layer, E)), U, UtE
+
+
+def _left_step(layer, cfg, m_step, sched, U, UtE):
+  """The second of two alternating steps.
+
+  Args:
+    layer: the layer's arrays.
+    cfg: static options.
+    m_step: :func:`_m_step_left` or :func:`_m_step_left_full`.
+    sched: the scheduler's state after the right step.
+    U, UtE: from :func:`_right_step`.
+
+  Returns:
+    ``(step, (EV, T))``: the :class:`_Step`, ``E V_i`` of the new ``E`` and
+    the transforms ``T_i`` with ``V_i T_i`` orthonormal, which the next
+    right step takes.
+  """
+  rank = jnp.minimum(sched.rank, layer.end_ranks)
+  U, S, V, DV = m_step(layer.D, U, UtE, layer.omega, cfg.batch)
+  P, S_m, E = _w_step(layer, cfg, rank, U, S, V)
+  EV, T = _lowrank_apply_rows(P, V)
+  em = jnp.einsum("idp,idp->i", EV, P)                           # <E, M_i>
+  if cfg.exact_loss:
+    loss = _exact_loss(layer.D, P, V, E, cfg.scale)
+  else:
+    loss = _products_loss(layer.sum_d2, S_m, DV, em, cfg.scale)
+  return _Step(rank, P, V, loss, _w_error(layer, E)), (EV, T)
+
+
+def _schedule_step(cfg, sched, loss, t):
+  """The scheduler after the loss of step ``t`` (1-based)."""
+  return rank_schedule_step(cfg.schedule, sched, loss, t, cfg.end_rank,
+                            cfg.steps)
+
+
+def _converged(cfg, end_ranks, rank, prev_loss, loss):
+  """Whether a step met ``tol``: at the end ranks, with too small a gain."""
+  if cfg.tol is None:
+    return jnp.asarray(False)
+  return jnp.all(rank == end_ranks) & (prev_loss - loss <= cfg.tol * prev_loss)
+
+
+def _prepare(D, W_bar, key, init, W_true, cfg) -> _Layer:
+  """The :class:`_Layer` of a solve (arguments as :func:`_solve_layer`)."""
+  end_ranks = jnp.asarray(cfg.ranks, jnp.int32)
+  # Summed per slice: no reduction over the stacked axis (see stack_sum).
   sum_d2 = stack_sum(jnp.sum(D * D, axis=(1, 2)))
-  scale = 1.0 / (n * d * k)
   E0 = None if init is None else W_bar - init.astype(jnp.float32)
-
-  def apply_e(state, X):
-    if state is None:
-      return 0.0 if E0 is None else jnp.einsum("dk,ikp->idp", E0, X)
-    return _lowrank_apply(*state, X)
-
-  def apply_e_t(state, Qx):
-    if state is None:
-      return 0.0 if E0 is None else jnp.einsum("idp,dk->ipk", Qx, E0)
-    return _lowrank_apply_t(*state, Qx)
-
-  def dense_e(state):
-    if state is None:
-      return jnp.zeros((d, k), jnp.float32) if E0 is None else E0
-    P, V = state
-    return jnp.einsum("jdq,jkq->dk", P, V) / n
-
-  def m_step(state, V, t, side="both", U_in=None, corr=None, T=None):
-    """Returns ``(U [n,d,q], S [n,q], V [n,k,q], <D_i, U_i S_i V_i^T>-helper)``.
-
-    ``side`` (``"subspace"`` only): ``"both"`` takes one block power step
-    (``R_i V_i``, then ``Q_i^T R_i``: two passes over the stack);
-    ``"right"`` the Rayleigh-Ritz approximation of ``R_i`` in the row space
-    of ``V`` from ``R_i V_i`` alone, ``"left"`` the one in the column space
-    of the orthonormal ``U_in`` from ``U_in^T R_i`` alone (one pass each);
-    ``"left_full"`` is ``"left"`` when every LoRA works at the full width,
-    with no SVD (it keeps ``U_in U_in^T R_i`` whole).
-    ``corr``: the state's correction already formed by the previous step,
-    ``E V_i`` (``"right"``) or ``U_in_i^T E`` (``"left"``); the alternating
-    steps, the only callers of those sides, always give it. ``"both"``
-    forms its correction here. ``T`` (``"right"``): the ``[n, q, q]``
-    transform with ``V_i T_i`` orthonormal (:func:`_lowrank_apply_rows`).
-    """
-    qw = V.shape[-1]
-    if svd == "subspace" and side == "right":
-      # The Rayleigh-Ritz step in the row space of V, whose orthonormal basis
-      # is X = V T (the left step's V is orthonormal only in its informative
-      # columns; the rest are fill). T comes with the state: the left step
-      # forms it from the Gram matrices V_i^T V_i of its E V_i product, so
-      # no eigh waits here and none runs beside the pass. (Run side by side,
-      # XLA:CPU's executor let the single-threaded eigh and the pass compete
-      # for the two cores: on the 1280x1280 SD layers both took about 17 ms
-      # where the pass alone takes 8 and the eigh 1.) X itself is never
-      # formed: R_i X_i = (D_i V_i + E V_i) T_i, so the pass is D_i V_i and
-      # the products with T, w are q x q.
-      Y = jnp.einsum("ndk,nkq->ndq", D, V)                       # D_i V_i
-      Yc = Y + corr                                              # R_i V_i
-      # Z_i = R_i X_i = Q_i C_i by Gram-Schmidt (lowrank.gram_schmidt),
-      # not from its Gram matrix T^T Yc^T Yc T: the Gram matrix squares the
-      # condition number of Z_i, and real fine-tunes' residuals have one
-      # direction hundreds of times their rank's last. In float32 those last
-      # directions were lost and the solver stalled at a W-Error of about -8
-      # on a real MiniLM layer (tests/test_solver.py, the stall fixture).
-      Q, C = jax.vmap(lowrank.gram_schmidt)(jnp.einsum("ndp,npq->ndq", Yc, T))
-      # C_i = u diag(S) w^T from its Gram matrix C C^T: u is orthonormal, so
-      # U = Q u is, and U diag(S) (X w)^T = Q C X^T whatever the rounding of
-      # S and w in C's small directions.
-      u, S, inv = jax.vmap(lowrank.svd_of_gram)(
-          jnp.einsum("npq,nrq->npr", C, C))
-      S = jnp.where(inv > 0, S, 0.0)     # as U: the loss counts sum S^2
-      U = jnp.einsum("ndp,npq->ndq", Q, u)
-      Tw = jnp.einsum("nap,nrp,nrs->nas", T, C, u) * inv[:, None, :]
-      V_new = jnp.einsum("nkp,npq->nkq", V, Tw)
-      # diag(U_i^T D_i V_new_i) = diag(U_i^T Y_i T_i w_i).
-      DV = jnp.einsum("ndp,ndq,nqp->np", U, Y, Tw)
-      return U, S, V_new, DV
-    if svd == "subspace" and side == "left_full":
-      # The left step when every LoRA works at the full width q (the end
-      # rank, no oversampling): the M-step keeps all of R_i's projection,
-      # M_i = Q_i Q_i^T R_i = Q_i B_i, so no SVD is needed. The factors are
-      # U = Q, S_p = ||B_i[p]|| and V_new[:, p] = B_i[p]^T / S_p: unit but not
-      # orthogonal columns (the right step's T makes them so), ||M_i||^2 =
-      # sum S^2 as Q is orthonormal, and <D_i, M_i> = <Q_i^T D_i, B_i>.
-      # Rows of B at zero (directions the residual lacks) take the
-      # fill columns, as in lowrank.svd_rows.
-      B_d = _left_products(U_in, D, batch)                       # Q_i^T D_i
-      B = B_d + corr
-      S = jnp.sqrt(jnp.sum(B * B, axis=2))                       # [n, q]
-      keep = S > 1e-6 * jnp.max(S, axis=1, keepdims=True)
-      inv = jnp.where(keep, 1.0 / jnp.where(keep, S, 1.0), 0.0)
-      V_new = jnp.where(keep[:, None, :],
-                        jnp.swapaxes(B, 1, 2) * inv[:, None, :],
-                        omega[:, :qw])
-      DV = jnp.sum(B_d * B, axis=2) * inv
-      return U_in, jnp.where(keep, S, 0.0), V_new, DV
-    if svd == "subspace":
-      if side == "left":
-        Q = U_in
-      else:
-        Y = jnp.einsum("ndk,nkq->ndq", D, V) + apply_e(state, V)
-        # Gram-Schmidt, not lowrank.orthonormalize: a basis from Y's Gram
-        # matrix loses the residual's small directions (see the right step).
-        Q = jax.vmap(lowrank.gram_schmidt)(Y)[0]
-      B_d = _left_products(Q, D, batch)                          # Q_i^T D_i
-      u, S, V_new = jax.vmap(lowrank.svd_rows, in_axes=(0, None))(
-          B_d + (apply_e_t(state, Q) if corr is None else corr),
-          omega[:, :qw])
-      U = jnp.einsum("ndq,nqp->ndp", Q, u)
-      # diag(U_i^T D_i V_i), for <D_i, M_i> of the loss from norms.
-      DV = jnp.einsum("nqp,nqk,nkp->np", u, B_d, V_new)
-      return U, S, V_new, DV
-    R = D + dense_e(state)[None]
-    if svd == "randomized":
-      kt = jax.random.fold_in(key, t)
-      U, S, V_new = jax.vmap(
-          lambda a: lowrank.svd_randomized(a, qw, kt, niter))(R)
-    else:
-      U, S, V_new = jax.vmap(lambda a: lowrank.svd_exact(a, qw))(R)
-    return U, S, V_new, None
-
-  def loss_of(P, V, S_m, DV, E):
-    if exact_loss:
-      # Eq. 3 on dense residuals, one LoRA at a time.
-      per = [jnp.sum(jnp.square(D[i] + E - P[i] @ V[i].T)) for i in range(n)]
-      return functools.reduce(jnp.add, per) * scale
-    # Eq. 3 from norms: sum_i ||D_i + E - M_i||^2
-    #   = sum_i ||D_i||^2 - 2 <D_i, M_i> + ||M_i||^2  - n ||E||^2,
-    # using sum_i D_i = 0 and sum_i M_i = n E. Exact up to float32 rounding
-    # of sum_i ||D_i||^2 (about 1e-7 of it): far below every loss the
-    # scheduler acts on (it only acts while some LoRA is below its end rank).
-    # ||M_i||^2 and ||E||^2 from the Gram matrices of the factors (V is
-    # orthonormal only to rounding, so its Gram matrix is used, not 1).
-    G_pv = (jnp.einsum("idp,jdq->ijpq", P, P)
-            * jnp.einsum("ikp,jkq->ijpq", V, V))
-    e2 = jnp.sum(G_pv) / (n * n)
-    m2 = jnp.sum(jnp.diagonal(G_pv, axis1=0, axis2=1))
-    total = sum_d2 - 2.0 * jnp.sum(S_m * DV) + m2 - n * e2
-    return jnp.maximum(total, 0.0) * scale
-
-  def loss_of_products(S_m, DV, em):
-    """Eq. 3 from norms as :func:`loss_of`, with no ``n x n`` Gram matrices:
-    ``n ||E||^2 = sum_i <E, M_i>`` from ``em[i] = <E, M_i>``, read off a
-    product with ``E`` that the next step needs anyway, and ``||M_i||^2 =
-    sum S_m^2`` (the alternating steps' factors are orthonormal to rounding:
-    a relative error of about 1e-6 of ``||M_i||^2``, far below the losses
-    the scheduler acts on)."""
-    total = sum_d2 - 2.0 * jnp.sum(S_m * DV) + jnp.sum(S_m * S_m) - jnp.sum(em)
-    return jnp.maximum(total, 0.0) * scale
-
-  def step(t, state, V, sched, side="both", U_in=None, corr=None, T=None):
-    """One M-step and W-step. Returns ``(cur, (P, V), loss, w_err, U,
-    nxt)``; ``nxt`` (alternating steps only): the new state's correction
-    the next step takes as ``corr`` (``U_i^T E`` after a right step, whose
-    ``U`` the left step uses; ``(E V_i, T_i)`` after a left step, with the
-    ``T`` the right step takes)."""
-    cur = jnp.minimum(sched.rank, ranks_arr)                      # [n]
-    U, S, V_new, DV = m_step(state, V, t, side, U_in, corr, T)
-    cols = jnp.arange(V_new.shape[-1])
-    S_m = jnp.where(cols[None, :] < cur[:, None], S, 0.0)
-    P = U * S_m[:, None, :]
-    E = dense_e((P, V_new)) if (exact_loss or W_true is not None) else None
-    nxt = None
-    if side == "right":
-      nxt = _lowrank_apply_t(P, V_new, U)                        # U_i^T E
-      em = jnp.einsum("ip,ipk,ikp->i", S_m, nxt, V_new)
-    elif side in ("left", "left_full"):
-      nxt = _lowrank_apply_rows(P, V_new)                        # E V_i, T_i
-      em = jnp.einsum("idp,idp->i", nxt[0], P)
-    if nxt is None or exact_loss:
-      loss = loss_of(P, V_new, S_m, DV, E)
-    else:
-      loss = loss_of_products(S_m, DV, em)
-    w_err = None
-    if W_true is not None:
-      w_err = _log10_mse(_compose(W_bar, mean_d, E), W_true)
-    return cur, (P, V_new), loss, w_err, U, nxt
-
-  # mean_i D_i (the rounding error of W_bar): recomputed where needed, so no
-  # dense [d, k] buffer is held through the loop.
+  # The rounding error of W_bar, for the W-Errors of the trace.
   mean_d = stack_mean(D) if W_true is not None else None
+  # One Gaussian sketch for every LoRA keeps the result independent of
+  # their order; its later columns widen the subspace as the rank grows.
+  omega = jnp.linalg.qr(jax.random.normal(
+      key, (cfg.k, cfg.width(cfg.end_rank)), jnp.float32))[0]
+  return _Layer(D=D, W_bar=W_bar, key=key, end_ranks=end_ranks, sum_d2=sum_d2,
+                E0=E0, W_true=W_true, mean_d=mean_d, omega=omega)
 
-  # Starting right subspace: a randomized range finder (niter power
-  # iterations) on the residuals of the initial W. One Gaussian sketch for
-  # every LoRA keeps the result independent of their order; its later
-  # columns widen the subspace when the working rank grows.
-  omega = jnp.linalg.qr(jax.random.normal(key, (k, q), jnp.float32))[0]
-  q0 = width(rank_phases(levels)[0][1])
-  V = jnp.broadcast_to(omega[:, :q0], (n, k, q0))
-  if svd == "subspace":
-    for _ in range(niter + 1):
-      Y = jnp.einsum("ndk,nkq->ndq", D, V) + apply_e(None, V)
+
+def _initial_basis(layer, cfg):
+  """Starting right factors ``[n, k, q0]`` at the first phase's width.
+
+  For the subspace method a randomized range finder (``niter`` power
+  iterations) on the residuals of the initial ``W``; else the sketch.
+  """
+  n, k = cfg.n, cfg.k
+  q0 = cfg.width(cfg.phases[0][1])
+  V = jnp.broadcast_to(layer.omega[:, :q0], (n, k, q0))
+  if cfg.svd == "subspace":
+    for _ in range(cfg.niter + 1):
+      Y = jnp.einsum("ndk,nkq->ndq", layer.D, V) + _e_times(layer.E0, V)
       Qy = jnp.linalg.qr(Y)[0]
-      Z = _left_products(Qy, D, batch) + apply_e_t(None, Qy)
+      Z = (_left_products(Qy, layer.D, cfg.batch)
+           + _t_times_e(layer.E0, Qy))
       V = jnp.linalg.qr(jnp.swapaxes(Z, 1, 2))[0]
+  return V
 
-  trace = W_true is not None
-  sched0 = rank_schedule_init(schedule, r_end)
+
+def _init_state(layer, cfg, V) -> _SolverState:
+  """The state before the loops, from the starting right factors ``V``.
+
+  From the mean (``E = 0``) it is the factored state with ``P = 0``, and
+  every step runs in the loops. From an ``init``, step 0 is taken here:
+  its residuals use the dense initial ``E``, every later step the factored
+  one.
+  """
+  n, d, steps = cfg.n, cfg.d, cfg.steps
+  sched = rank_schedule_init(cfg.schedule, cfg.end_rank)
   loss_tr = jnp.full((steps,), jnp.nan, jnp.float32)
   rank_tr = jnp.zeros((steps, n), jnp.int32)
-  werr_tr = jnp.full((steps,), jnp.nan, jnp.float32) if trace else None
-  if E0 is None:
-    # E = 0 is the factored state with P = 0: every step runs in the loop.
-    c = (jnp.asarray(0, jnp.int32), (jnp.zeros((n, d, q0), jnp.float32), V),
-         sched0, loss_tr, rank_tr, werr_tr, jnp.asarray(jnp.nan, jnp.float32),
-         jnp.asarray(False))
-  else:
-    # Step 0 is taken outside the loop: its residuals use the dense initial
-    # E, every later step the factored one.
-    cur0, fac0, loss0, werr0, _, _ = step(0, None, V, sched0)
-    sched1 = rank_schedule_step(schedule, sched0, loss0, 1, r_end, steps)
-    if trace:
-      werr_tr = werr_tr.at[0].set(werr0)
-    c = (jnp.asarray(1, jnp.int32), fac0, sched1, loss_tr.at[0].set(loss0),
-         rank_tr.at[0].set(cur0), werr_tr, loss0, jnp.asarray(False))
+  werr_tr = None
+  if layer.W_true is not None:
+    werr_tr = jnp.full((steps,), jnp.nan, jnp.float32)
+  if layer.E0 is None:
+    return _SolverState(
+        step=jnp.asarray(0, jnp.int32),
+        P=jnp.zeros((n, d, V.shape[-1]), jnp.float32), V=V, EV=None, T=None,
+        sched=sched, loss_trace=loss_tr, rank_trace=rank_tr,
+        w_error_trace=werr_tr, loss=jnp.asarray(jnp.nan, jnp.float32),
+        done=jnp.asarray(False))
+  out = _plain_step(layer, cfg, layer.E0, V, 0, sched)
+  sched = _schedule_step(cfg, sched, out.loss, 1)
+  if werr_tr is not None:
+    werr_tr = werr_tr.at[0].set(out.w_error)
+  return _SolverState(
+      step=jnp.asarray(1, jnp.int32), P=out.P, V=out.V, EV=None, T=None,
+      sched=sched, loss_trace=loss_tr.at[0].set(out.loss),
+      rank_trace=rank_tr.at[0].set(out.rank), w_error_trace=werr_tr,
+      loss=out.loss, done=jnp.asarray(False))
 
-  def converged(cur, prev_loss, loss):
-    if tol is None:
-      return jnp.asarray(False)
-    return jnp.all(cur == ranks_arr) & (prev_loss - loss <= tol * prev_loss)
 
-  def body(c):
-    t, fac, sched, loss_tr, rank_tr, werr_tr, prev_loss, _ = c
-    cur, fac_new, loss, w_err, _, _ = step(t, fac, fac[1], sched)
-    sched = rank_schedule_step(schedule, sched, loss, t + 1, r_end, steps)
-    done = converged(cur, prev_loss, loss)
-    if trace:
-      werr_tr = werr_tr.at[t].set(w_err)
-    return (t + 1, fac_new, sched, loss_tr.at[t].set(loss),
-            rank_tr.at[t].set(cur), werr_tr, loss, done)
+def _keep_going(stop, bound, state: _SolverState):
+  """Loop condition: steps left, ``tol`` not met and, unless ``bound`` is
+  None (the last phase), the scheduler's rank still within the phase."""
+  go = (state.step < stop) & ~state.done
+  return go if bound is None else go & (state.sched.rank <= bound)
 
-  def body_alternating(c, bound, last_phase, left="left"):
-    """Two steps, each one pass over the stack: right, then left.
 
-    The right step's orthonormal left basis ``U`` seeds the left step, whose
-    new row space ``V`` seeds the next right step: together one block power
-    iteration, with an M-step and a W-step after each half. The second step
-    is kept only if it is due (``stop``, ``tol``, still in this phase);
-    otherwise its work is discarded and the loop continues from the first.
+def _plain_loop_step(layer, cfg, state: _SolverState) -> _SolverState:
+  """Loop body: one :func:`_plain_step` from the factored state."""
+  t = state.step
+  out = _plain_step(layer, cfg, (state.P, state.V), state.V, t, state.sched)
+  sched = _schedule_step(cfg, state.sched, out.loss, t + 1)
+  done = _converged(cfg, layer.end_ranks, out.rank, state.loss, out.loss)
+  werr_tr = state.w_error_trace
+  if werr_tr is not None:
+    werr_tr = werr_tr.at[t].set(out.w_error)
+  return _SolverState(
+      step=t + 1, P=out.P, V=out.V, EV=None, T=None, sched=sched,
+      loss_trace=state.loss_trace.at[t].set(out.loss),
+      rank_trace=state.rank_trace.at[t].set(out.rank), w_error_trace=werr_tr,
+      loss=out.loss, done=done)
 
-    The carry's factors are ``(P, V, E V_i, T_i)``: each step forms the
-    product of its new ``E`` that the next step needs (and reads ``n
-    ||E||^2`` of its loss off it); the left step also the transform ``T_i``
-    that makes ``V_i`` orthonormal for the right step. A discarded second
-    step ends the phase's loop for that layer (``stop``, ``tol`` or the
-    phase's bound), so its ``E V_i`` and ``T_i`` are kept whatever ``ok``
-    says: the next phase forms its own.
-    """
-    t, (P, V, EV, T), sched, loss_tr, rank_tr, werr_tr, prev_loss, _ = c
-    cur1, fac1, loss1, werr1, U1, UtE = step(t, (P, V), V, sched, "right",
-                                             corr=EV, T=T)
-    sched1 = rank_schedule_step(schedule, sched, loss1, t + 1, r_end, steps)
-    done1 = converged(cur1, prev_loss, loss1)
-    cur2, fac2, loss2, werr2, _, nxt2 = step(t + 1, fac1, fac1[1], sched1,
-                                             left, U1, corr=UtE)
-    sched2 = rank_schedule_step(schedule, sched1, loss2, t + 2, r_end, steps)
-    done2 = converged(cur2, loss1, loss2)
-    ok = (t + 1 < stop) & ~done1
-    if not last_phase:
-      ok = ok & (sched1.rank <= bound)
-    pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(ok, x, y), a, b)
-    t2 = jnp.minimum(t + 1, steps - 1)
-    loss_tr = loss_tr.at[t].set(loss1)
-    loss_tr = loss_tr.at[t2].set(jnp.where(ok, loss2, loss_tr[t2]))
-    rank_tr = rank_tr.at[t].set(cur1)
-    rank_tr = rank_tr.at[t2].set(jnp.where(ok, cur2, rank_tr[t2]))
-    if trace:
-      werr_tr = werr_tr.at[t].set(werr1)
-      werr_tr = werr_tr.at[t2].set(jnp.where(ok, werr2, werr_tr[t2]))
-    return (jnp.where(ok, t + 2, t + 1), pick(fac2, fac1) + nxt2,
-            pick(sched2, sched1), loss_tr, rank_tr, werr_tr,
-            jnp.where(ok, loss2, loss1), jnp.where(ok, done2, done1))
 
-  # One while_loop per phase of the scheduler's rank, each with factors of
-  # a static width that covers the phase's levels (see rank_phases): the
-  # products with the stack cost about what the working rank needs, not
-  # the end rank. A phase's loop runs while the scheduler's rank is within
-  # it; the last one runs to the end whatever the rank. Under vmap each
-  # layer keeps its own trajectory (layers in another phase are frozen by
-  # the batched loop), so batches equal per-layer calls.
-  phases = rank_phases(levels)
-  alternating = svd == "subspace" and alternate
-  # Once the scheduler is at the end rank and every LoRA works at the full
-  # width of the last phase, the left step needs no SVD (see m_step's
-  # "left_full"): the last phase's loop is split there, and again before the
-  # last _FULL_WIDTH_TAIL steps, which take the SVD left step. Short runs
-  # (the Mistral bench's 30 steps) keep one loop: the split would run few
-  # steps or none, and its program costs memory (about 13 MiB there).
-  full_width = (alternating and len(set(ranks)) == 1 and width(r_end) == r_end
-                and steps >= 4 * _FULL_WIDTH_TAIL)
+def _set_two(trace, t, t2, ok, first, second):
+  """``trace`` with ``first`` at ``t`` and, if ``ok``, ``second`` at ``t2``."""
+  trace = trace.at[t].set(first)
+  return trace.at[t2].set(jnp.where(ok, second, trace[t2]))
+
+
+def _alternating_steps(layer, cfg, left_m_step, stop, bound,
+                       state: _SolverState) -> _SolverState:
+  """Loop body: two steps, each one pass over the stack: right, then left.
+
+  The right step's orthonormal left basis ``U`` seeds the left step, whose
+  new row space ``V`` seeds the next right step: together one block power
+  iteration, with an M-step and a W-step after each half. The second step
+  is kept only if it is due (``stop``, ``tol``, still in this phase);
+  otherwise its work is discarded and the loop continues from the first.
+  A discarded second step ends the phase's loop for that layer, so its
+  ``EV`` and ``T`` are kept either way: the next phase forms its own.
+
+  Args:
+    layer: the layer's arrays.
+    cfg: static options.
+    left_m_step: :func:`_m_step_left` or :func:`_m_step_left_full`.
+    stop: int32 number of steps to take at most.
+    bound: the phase's highest rank, or None in the last phase.
+    state: the carry.
+
+  Returns:
+    The carry after one or two steps.
+  """
+  t = state.step
+  right, U, UtE = _right_step(layer, cfg, state)
+  sched1 = _schedule_step(cfg, state.sched, right.loss, t + 1)
+  done1 = _converged(cfg, layer.end_ranks, right.rank, state.loss, right.loss)
+  left, (EV, T) = _left_step(layer, cfg, left_m_step, sched1, U, UtE)
+  sched2 = _schedule_step(cfg, sched1, left.loss, t + 2)
+  done2 = _converged(cfg, layer.end_ranks, left.rank, right.loss, left.loss)
+  ok = (t + 1 < stop) & ~done1
+  if bound is not None:
+    ok = ok & (sched1.rank <= bound)
+  pick = functools.partial(jnp.where, ok)
+  t2 = jnp.minimum(t + 1, cfg.steps - 1)
+  loss_tr = _set_two(state.loss_trace, t, t2, ok, right.loss, left.loss)
+  rank_tr = _set_two(state.rank_trace, t, t2, ok, right.rank, left.rank)
+  werr_tr = state.w_error_trace
+  if werr_tr is not None:
+    werr_tr = _set_two(werr_tr, t, t2, ok, right.w_error, left.w_error)
+  return _SolverState(
+      step=pick(t + 2, t + 1), P=pick(left.P, right.P),
+      V=pick(left.V, right.V), EV=EV, T=T,
+      sched=jax.tree.map(pick, sched2, sched1), loss_trace=loss_tr,
+      rank_trace=rank_tr, w_error_trace=werr_tr,
+      loss=pick(left.loss, right.loss), done=pick(done2, done1))
+
+
+def _widen(layer, cfg, state: _SolverState, width: int) -> _SolverState:
+  """The carry with factors of ``width`` columns for the next phase.
+
+  New columns start at ``P = 0`` with the sketch's next columns as ``V``;
+  the alternating steps also get the ``E V_i`` and ``T_i`` of the carry.
+  """
+  n, d, k = cfg.n, cfg.d, cfg.k
+  P, V = state.P, state.V
+  qa = P.shape[-1]
+  if width > qa:
+    P = jnp.concatenate([P, jnp.zeros((n, d, width - qa), P.dtype)], -1)
+    V = jnp.concatenate(
+        [V, jnp.broadcast_to(layer.omega[:, qa:width], (n, k, width - qa))],
+        -1)
+  if cfg.alternating:
+    EV, T = _lowrank_apply_rows(P, V)
+    return state._replace(P=P, V=V, EV=EV, T=T)
+  return state._replace(P=P, V=V)
+
+
+def _splits_full_width(cfg) -> bool:
+  """Whether the last phase's loop is split where the left steps become
+  full width (:func:`_m_step_left_full`, no SVD), and again before the
+  last ``_FULL_WIDTH_TAIL`` steps, which take the SVD left step.
+
+  That needs one end rank for every LoRA and no oversampling. Short runs
+  (the Mistral bench's 30 steps) keep one loop: the split would run few
+  steps or none, and its program costs memory (about 13 MiB there).
+  """
+  return (cfg.alternating and len(set(cfg.ranks)) == 1
+          and cfg.width(cfg.end_rank) == cfg.end_rank
+          and cfg.steps >= 4 * _FULL_WIDTH_TAIL)
+
+
+def _run(layer, cfg, state: _SolverState, stop) -> _SolverState:
+  """Runs the steps: one ``lax.while_loop`` per phase of the scheduler.
+
+  Each phase's factors have a static width that covers its levels (see
+  :func:`rank_phases`), so the products with the stack cost about what the
+  working rank needs, not the end rank. A phase's loop runs while the
+  scheduler's rank is within it; the last one runs to the end whatever the
+  rank. Under vmap each layer keeps its own trajectory (the batched loop
+  freezes layers in another phase), so batches equal per-layer calls.
+
+  Args:
+    layer: the layer's arrays.
+    cfg: static options.
+    state: the carry of :func:`_init_state`.
+    stop: int32 number of steps to take at most.
+
+  Returns:
+    The carry after the last step.
+  """
+  phases = cfg.phases
   # A run of one step from an initial W (auto's polishing step) is step 0
-  # alone: no loop is compiled (the program compiles in about half the
-  # time, and the loops would not run).
-  if E0 is not None and steps == 1:
-    phases = []
-  for j, (bound, wlevel) in enumerate(phases):
-    last_phase = j == len(phases) - 1
-    P, V = c[1][:2]
-    qa, qb = P.shape[-1], width(wlevel)
-    if qb > qa:
-      P = jnp.concatenate([P, jnp.zeros((n, d, qb - qa), P.dtype)], -1)
-      V = jnp.concatenate(
-          [V, jnp.broadcast_to(omega[:, qa:qb], (n, k, qb - qa))], -1)
-    fac = (P, V) + _lowrank_apply_rows(P, V) if alternating else (P, V)
-    c = c[:1] + (fac,) + c[2:]
+  # alone: no loop is compiled, which halves the program's compile time.
+  if layer.E0 is not None and cfg.steps == 1:
+    phases = ()
+  for j, (bound, level) in enumerate(phases):
+    if j == len(phases) - 1:
+      bound = None
+    state = _widen(layer, cfg, state, cfg.width(level))
+    keep_going = functools.partial(_keep_going, stop, bound)
+    if not cfg.alternating:
+      state = jax.lax.while_loop(
+          keep_going, functools.partial(_plain_loop_step, layer, cfg), state)
+      continue
+    steps = functools.partial(_alternating_steps, layer, cfg, _m_step_left,
+                              stop, bound)
+    if bound is None and _splits_full_width(cfg):
+      state = jax.lax.while_loop(
+          lambda s: keep_going(s) & (s.sched.rank < cfg.end_rank), steps,
+          state)
+      state = jax.lax.while_loop(
+          lambda s: keep_going(s) & (s.step < stop - _FULL_WIDTH_TAIL),
+          functools.partial(_alternating_steps, layer, cfg,
+                            _m_step_left_full, stop, None), state)
+    state = jax.lax.while_loop(keep_going, steps, state)
+  return state
 
-    def cond(c, bound=bound, last_phase=last_phase):
-      go = (c[0] < stop) & ~c[-1]
-      return go if last_phase else go & (c[2].rank <= bound)
 
-    if alternating:
-      loop_body = functools.partial(body_alternating, bound=bound,
-                                    last_phase=last_phase)
-    else:
-      loop_body = body
-    if last_phase and full_width:
-      c = jax.lax.while_loop(lambda c: cond(c) & (c[2].rank < r_end),
-                             loop_body, c)
-      c = jax.lax.while_loop(
-          lambda c: cond(c) & (c[0] < stop - _FULL_WIDTH_TAIL),
-          functools.partial(loop_body, left="left_full"), c)
-    c = jax.lax.while_loop(cond, loop_body, c)
-  t, (P, V, *_), _, loss_tr, rank_tr, werr_tr, loss, _ = c
-  factors, res2 = _refine(D, P, V, refine, batch)
-  W = _compose_blocks(W_bar, D, factors, batch)
-  last = t - 1
-  if not exact_loss:
-    # The trace's values below ~1e-7 of sum_i ||D_i||^2 / (n d k) are float32
-    # noise of the norm formula; the final loss is computed on the residuals
-    # (those of the factored state, before the refinement).
-    loss = res2 * scale
+def _finish(layer, cfg, state: _SolverState):
+  """Refines the last state and returns ``(W, Diagnostics)``."""
+  factors, res2 = _refine(layer.D, state.P, state.V, cfg.refine, cfg.batch)
+  W = _compose_blocks(layer.W_bar, layer.D, factors, cfg.batch)
+  last = state.step - 1
+  loss, loss_tr = state.loss, state.loss_trace
+  if not cfg.exact_loss:
+    # Trace values below ~1e-7 of sum_i ||D_i||^2 / (n d k) are float32 noise
+    # of the loss from norms; the final loss is computed on the residuals
+    # (those of the factored state, without the refinement).
+    loss = res2 * cfg.scale
     loss_tr = loss_tr.at[last].set(loss)
-  if trace:
-    werr_tr = werr_tr.at[last].set(_log10_mse(W, W_true))
-  return W, Diagnostics(loss=loss_tr, rank=rank_tr, steps=t,
-                        final_rank=rank_tr[last], final_loss=loss,
+  werr_tr = state.w_error_trace
+  if werr_tr is not None:
+    werr_tr = werr_tr.at[last].set(_log10_mse(W, layer.W_true))
+  return W, Diagnostics(loss=loss_tr, rank=state.rank_trace, steps=state.step,
+                        final_rank=state.rank_trace[last], final_loss=loss,
                         w_error=werr_tr)
+
+
+def _solve_layer(D, W_bar, key, init, W_true, stop, *, cfg: _Config):
+  """Spectral DeTuning for one layer given ``D = W'_i - W_bar`` (traceable).
+
+  A residual ``W'_i - W = D_i + E`` is never formed by the subspace
+  method: its products with thin matrices are ``D_i X + E X`` with ``E X``
+  taken through the factors, so each step touches the dense stack in thin
+  products only: one per LoRA (``D_i V_i`` or ``U_i^T D_i``) with
+  alternating steps, two (``D_i V_i`` and ``Q_i^T D_i``) without.
+
+  Args:
+    D: ``[n, d, k]`` float32 deviations from the mean.
+    W_bar: ``[d, k]`` float32 mean of the ``W'_i``.
+    key: seed of the sketches.
+    init: optional ``[d, k]`` starting ``W``.
+    W_true: optional ``[d, k]`` ground truth for the W-Error trace.
+    stop: int32 number of steps to take at most.
+    cfg: static options.
+
+  Returns:
+    ``(W, Diagnostics)``.
+  """
+  layer = _prepare(D, W_bar, key, init, W_true, cfg)
+  state = _init_state(layer, cfg, _initial_basis(layer, cfg))
+  state = _run(layer, cfg, state, stop)
+  return _finish(layer, cfg, state)
 
 
 # Elements of the stack per block of rows of the refinement (about 8 MiB of
@@ -817,24 +1166,25 @@ def _log10_mse(W, W_true):
     "exact_loss", "refine", "alternate"), donate_argnames=("W_bar",))
 def _solve(D, W_bar, key, init, W_true, stop, *, ranks, steps, schedule, svd,
            tol, niter, oversample, exact_loss, refine, alternate):
-  fn = functools.partial(_solve_layer, ranks=ranks, steps=steps,
-                         schedule=schedule, svd=svd, tol=tol, niter=niter,
-                         oversample=oversample, exact_loss=exact_loss,
-                         refine=refine, alternate=alternate)
-  if D.ndim == 4 and D.shape[0] == 1:
+  n, d, k = D.shape[-3:]
+  cfg = _Config(n=n, d=d, k=k, ranks=ranks, steps=steps, schedule=schedule,
+                svd=svd, tol=tol, niter=niter, oversample=oversample,
+                exact_loss=exact_loss or svd != "subspace" or tol is not None,
+                refine=refine, alternate=alternate,
+                batch=D.shape[0] if D.ndim == 4 else 1)
+  fn = functools.partial(_solve_layer, cfg=cfg)
+  if D.ndim == 3:
+    return fn(D, W_bar, key, init, W_true, stop)
+  if D.shape[0] == 1:
     # One layer: solved without vmap. Batched, the in-place accumulations
     # (dynamic_update_slice) become scatters that XLA:CPU writes into a new
     # buffer each time (12 MiB more on the Mistral-shaped layer).
     first = lambda x: None if x is None else x[0]
     W, diag = fn(D[0], W_bar[0], key, first(init), first(W_true), stop)
     return jax.tree.map(lambda x: x[None], (W, diag))
-  if D.ndim == 4:
-    # Blocks of rows are sized for all the layers of the batch.
-    fn = functools.partial(fn, batch=D.shape[0])
-    return jax.vmap(fn, in_axes=(0, 0, None, None if init is None else 0,
-                                 None if W_true is None else 0, None))(
-                                     D, W_bar, key, init, W_true, stop)
-  return fn(D, W_bar, key, init, W_true, stop)
+  return jax.vmap(fn, in_axes=(0, 0, None, None if init is None else 0,
+                               None if W_true is None else 0, None))(
+                                   D, W_bar, key, init, W_true, stop)
 
 
 def spectral_detuning(W_primes, rank: Rank, steps: int = 300, *,
