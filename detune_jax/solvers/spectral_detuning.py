@@ -8,6 +8,15 @@ Solves, for one layer, ``min_{W, M_i} sum_i ||W'_i - W - M_i||_F^2`` subject to
 * W-step: ``W = mean_i (W'_i - M_i)``;
 * the rank scheduler (:mod:`detune_jax.solvers.schedule`) runs inside the
   ``lax.while_loop`` state.
+
+One layer is solved by :func:`_solve_layer` in four parts: :func:`_prepare`
+gathers the arrays every step reads (a :class:`_Layer`), :func:`_init_state`
+builds the loop carry (a :class:`_SolverState`), :func:`_run` owns the
+``lax.while_loop``s (one per phase of the scheduler's rank, with
+:func:`_plain_loop_step` or :func:`_alternating_steps` as body) and
+:func:`_finish` refines the last state and writes the diagnostics. Each
+M-step variant is a function of its own, ``_m_step_*``, picked while
+tracing.
 """
 
 from __future__ import annotations
@@ -1225,13 +1234,13 @@ def spectral_detuning(W_primes, rank: Rank, steps: int = 300, *,
       mean of the ``W'_i``, e.g. a closed-form estimate to refine.
     niter: power iterations of the randomized sketches.
     oversample: extra subspace columns for the randomized/subspace methods.
-    exact_loss: compute the per-step loss on dense residuals (costs about one
-      more pass over the stack per step). By default the ``"subspace"``
-      method computes Eq. 3 from norms of the factors, which is exact up to
-      float32 rounding of ``sum_i ||W'_i - mean W'||^2`` (about 1e-7 of it;
-      smaller trace values are noise). The scheduler only acts on losses far
-      above that, and ``final_loss`` is always exact. Forced on by ``tol``
-      and by the ``"exact"``/``"randomized"`` methods.
+    exact_loss: compute the per-step loss on dense residuals (about one more
+      pass over the stack per step) instead of from norms of the factors,
+      which is exact up to float32 rounding of ``sum_i ||W'_i - mean W'||^2``
+      (about 1e-7 of it: smaller trace values are noise, far below the
+      losses the scheduler acts on).
+      ``final_loss`` is always exact. Forced on by ``tol`` and by the
+      ``"exact"``/``"randomized"`` methods.
     donate_input: let the solver reuse the buffer of ``W_primes`` (a float32
       ``jax.Array``, deleted afterwards) instead of holding a second copy of
       the stack. Inputs that are converted (numpy arrays, other dtypes) are
@@ -1248,14 +1257,12 @@ def spectral_detuning(W_primes, rank: Rank, steps: int = 300, *,
     stop_after: take at most this many steps of the ``steps``-step run (the
       scheduler keeps the timetable of ``steps``; the refinement still runs).
       For time-to-accuracy measurements; not compiled in (no recompilation).
-    alternate: ``"subspace"`` only. ``True`` (default): steps alternate
-      between a right and a left one-sided M-step (the Rayleigh-Ritz
-      approximation of each residual in its current row space from
-      ``R_i V_i``, then in the new column space from ``U_i^T R_i``), each one
-      pass over the stack; two steps make one block power iteration.
+    alternate: ``"subspace"`` only. ``True``: steps alternate between a
+      right and a left one-sided M-step (Rayleigh-Ritz in the current row
+      space, then in the new column space), one pass over the stack each;
       ``False``: every step takes both products (two passes). Same final
-      W-Error; the alternating steps cost about half (768x768, n=5, r=16:
-      1.44 s against 2.51 s for 300 steps, ``experiments.bench_solver``).
+      W-Error at about half the time (768x768, n=5, r=16: 1.44 s against
+      2.51 s for 300 steps, ``experiments.bench_solver``).
 
   Returns:
     ``(W, diagnostics)``: the float32 recovery (``[d, k]`` or ``[L, d, k]``)
@@ -1276,17 +1283,8 @@ def spectral_detuning(W_primes, rank: Rank, steps: int = 300, *,
       W_primes.shape, rank, steps, schedule=schedule, svd=svd, tol=tol,
       niter=niter, oversample=oversample, exact_loss=exact_loss,
       refine=refine, alternate=alternate)
-  d, k = W_primes.shape[-2:]
-  if init is not None:
-    init = jnp.asarray(init, jnp.float32)
-    if init.shape != W_primes.shape[:-3] + (d, k):
-      raise ValueError(f"init has shape {tuple(init.shape)}, expected "
-                       f"{W_primes.shape[:-3] + (d, k)}")
-  if W_true is not None:
-    W_true = jnp.asarray(W_true, jnp.float32)
-    if W_true.shape != W_primes.shape[:-3] + (d, k):
-      raise ValueError(f"W_true has shape {tuple(W_true.shape)}, expected "
-                       f"{W_primes.shape[:-3] + (d, k)}")
+  init = _one_per_layer("init", init, W_primes.shape)
+  W_true = _one_per_layer("W_true", W_true, W_primes.shape)
   owned = owned or W_primes.dtype != jnp.float32
   W_primes = W_primes.astype(jnp.float32)
   D, W_bar = _center(W_primes, donate=owned or donate_input)
@@ -1296,6 +1294,18 @@ def spectral_detuning(W_primes, rank: Rank, steps: int = 300, *,
   return programs.call(_solve, "spectral_detuning",
                        (D, W_bar, jax.random.key(seed), init, W_true, stop),
                        statics, donate=(1,))
+
+
+def _one_per_layer(name, x, shape):
+  """``x`` as float32, checked to be one ``[d, k]`` matrix per layer of a
+  stack of ``shape``; None stays None."""
+  if x is None:
+    return None
+  x = jnp.asarray(x, jnp.float32)
+  expected = tuple(shape[:-3]) + tuple(shape[-2:])
+  if x.shape != expected:
+    raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {expected}")
+  return x
 
 
 def _static_options(shape, rank, steps, *, schedule, svd, tol, niter,
