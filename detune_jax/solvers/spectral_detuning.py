@@ -606,6 +606,11 @@ def _plain_step(layer, cfg, E, V, t, sched) -> _Step:
 def _right_step(layer, cfg, state: _SolverState):
   """The first of two alternating steps (:func:`_m_step_right`).
 
+  Args:
+    layer: the layer's arrays.
+    cfg: static options.
+    state: the carry, with the ``EV`` and ``T`` of the last left step.
+
   Returns:
     ``(step, U, UtE)``: the :class:`_Step`, the M-step's orthonormal left
     basis ``U`` and ``U_i^T E`` of the new ``E``, which the left step
@@ -664,7 +669,14 @@ def _converged(cfg, end_ranks, rank, prev_loss, loss):
 
 
 def _prepare(D, W_bar, key, init, W_true, cfg) -> _Layer:
-  """The :class:`_Layer` of a solve (arguments as :func:`_solve_layer`)."""
+  """Gathers the arrays every step reads.
+
+  Args:
+    D, W_bar, key, init, W_true, cfg: as for :func:`_solve_layer`.
+
+  Returns:
+    The layer's :class:`_Layer`.
+  """
   end_ranks = jnp.asarray(cfg.ranks, jnp.int32)
   # Summed per slice: no reduction over the stacked axis (see stack_sum).
   sum_d2 = stack_sum(jnp.sum(D * D, axis=(1, 2)))
@@ -680,10 +692,17 @@ def _prepare(D, W_bar, key, init, W_true, cfg) -> _Layer:
 
 
 def _initial_basis(layer, cfg):
-  """Starting right factors ``[n, k, q0]`` at the first phase's width.
+  """Starting right factors at the first phase's width.
 
   For the subspace method a randomized range finder (``niter`` power
   iterations) on the residuals of the initial ``W``; else the sketch.
+
+  Args:
+    layer: the layer's arrays.
+    cfg: static options.
+
+  Returns:
+    ``[n, k, q0]`` right factors.
   """
   n, k = cfg.n, cfg.k
   q0 = cfg.width(cfg.phases[0][1])
@@ -699,12 +718,20 @@ def _initial_basis(layer, cfg):
 
 
 def _init_state(layer, cfg, V) -> _SolverState:
-  """The state before the loops, from the starting right factors ``V``.
+  """The carry before the loops.
 
   From the mean (``E = 0``) it is the factored state with ``P = 0``, and
   every step runs in the loops. From an ``init``, step 0 is taken here:
   its residuals use the dense initial ``E``, every later step the factored
   one.
+
+  Args:
+    layer: the layer's arrays.
+    cfg: static options.
+    V: ``[n, k, q0]`` starting right factors (:func:`_initial_basis`).
+
+  Returns:
+    The first :class:`_SolverState`.
   """
   n, d, steps = cfg.n, cfg.d, cfg.steps
   sched = rank_schedule_init(cfg.schedule, cfg.end_rank)
@@ -739,7 +766,16 @@ def _keep_going(stop, bound, state: _SolverState):
 
 
 def _plain_loop_step(layer, cfg, state: _SolverState) -> _SolverState:
-  """Loop body: one :func:`_plain_step` from the factored state."""
+  """Loop body: one :func:`_plain_step` from the factored state.
+
+  Args:
+    layer: the layer's arrays.
+    cfg: static options.
+    state: the carry.
+
+  Returns:
+    The carry after the step.
+  """
   t = state.step
   out = _plain_step(layer, cfg, (state.P, state.V), state.V, t, state.sched)
   sched = _schedule_step(cfg, state.sched, out.loss, t + 1)
@@ -813,6 +849,15 @@ def _widen(layer, cfg, state: _SolverState, width: int) -> _SolverState:
 
   New columns start at ``P = 0`` with the sketch's next columns as ``V``;
   the alternating steps also get the ``E V_i`` and ``T_i`` of the carry.
+
+  Args:
+    layer: the layer's arrays.
+    cfg: static options.
+    state: the carry of the previous phase (or :func:`_init_state`).
+    width: the phase's number of columns.
+
+  Returns:
+    The carry for the phase's loop.
   """
   n, d, k = cfg.n, cfg.d, cfg.k
   P, V = state.P, state.V
@@ -890,7 +935,16 @@ def _run(layer, cfg, state: _SolverState, stop) -> _SolverState:
 
 
 def _finish(layer, cfg, state: _SolverState):
-  """Refines the last state and returns ``(W, Diagnostics)``."""
+  """Refines the last state and writes the diagnostics.
+
+  Args:
+    layer: the layer's arrays.
+    cfg: static options.
+    state: the carry after the last step.
+
+  Returns:
+    ``(W, Diagnostics)`` as :func:`spectral_detuning` returns them.
+  """
   factors, res2 = _refine(layer.D, state.P, state.V, cfg.refine, cfg.batch)
   W = _compose_blocks(layer.W_bar, layer.D, factors, cfg.batch)
   last = state.step - 1
