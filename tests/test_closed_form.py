@@ -7,24 +7,7 @@ import pytest
 
 import detune_jax as dj
 from detune_jax.solvers import closed_form, registry
-
-
-def lora_stack(seed, d, k, n, rank, scale=0.02, shared=0.0):
-  """``W`` and ``W + B_i A_i`` (float32), ranks an int or one per LoRA."""
-  ranks = [rank] * n if isinstance(rank, int) else list(rank)
-  key = jax.random.key(seed)
-  W = jax.random.normal(jax.random.fold_in(key, 0), (d, k)) * scale
-  cb = jax.random.normal(jax.random.fold_in(key, 1), (d, max(ranks)))
-  ca = jax.random.normal(jax.random.fold_in(key, 2), (max(ranks), k))
-  out = []
-  for i, r in enumerate(ranks):
-    kb, ka = jax.random.split(jax.random.fold_in(key, 10 + i))
-    B = jax.random.normal(kb, (d, r))
-    A = jax.random.normal(ka, (r, k))
-    B = np.sqrt(shared) * cb[:, :r] + np.sqrt(1 - shared) * B
-    A = np.sqrt(shared) * ca[:r] + np.sqrt(1 - shared) * A
-    out.append(W + (B * scale) @ (A * scale))
-  return W, jnp.stack(out)
+from detune_jax.synthetic import lora_stack
 
 
 def test_n3_exact_recovery_small():
