@@ -46,6 +46,7 @@ from absl import app, flags
 from safetensors.numpy import load_file
 
 from detune_jax import metrics
+from detune_jax.io.lowra_writer import write_lowra_bench
 
 flags.DEFINE_string("minilm_dir", os.path.join("~", ".cache", "detune_jax",
                                                "minilm_finetunes"),
@@ -80,9 +81,11 @@ def _run(cmd, env=None, cwd=None, output=False):
 
 def _official(models, base_dir, work):
   """Wall seconds and per-layer final W-Errors of the official script."""
-  from experiments import lowra_export  # pylint: disable=g-import-not-at-top
   data = os.path.join(work, "lowra")
-  lowra_export.export(base_dir, models, FLAGS.rank, data)
+  try:
+    write_lowra_bench(base_dir, models, FLAGS.rank, data)
+  except ValueError as e:  # an update of rank above --rank
+    sys.exit(str(e))
   cmd = [sys.executable, "spectral_detuning.py", "--subset=vit",
          f"--dataset={data}", f"--cache_dir={os.path.join(work, 'hf_cache')}",
          f"--output_path={os.path.join(work, 'official')}", "--start_layer=0",
