@@ -20,15 +20,13 @@ stacks do not (a solver that stalls on one layer while the mean looks fine).
 
   python -m experiments.bench_solver --cases=minilm
 
-The reference is ``experiments/reference_torch.py`` (torch is an optional
+The reference is ``experiments/torch_reference.py`` (torch is an optional
 extra: ``pip install .[reference]``); without torch only detune_jax runs and
 the output says so.
 """
 
 from __future__ import annotations
 
-import functools
-import glob
 import json
 import os
 import subprocess
@@ -43,9 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from detune_jax import memory, metrics, parallel
+from detune_jax import memory, metrics, model_stacks, parallel
 from detune_jax.solvers.spectral_detuning import precompile
-from experiments import stacks
+from detune_jax.synthetic import lora_stack
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("cases", ["vit", "sd", "mistral"], "Cases to run: vit, "
@@ -89,44 +87,16 @@ REAL_CASES = {"minilm": 16}
 SCALE = 0.02
 
 
-def _base(seed, L, d, k):
-  key = jax.random.key(seed)
-  return jax.random.normal(jax.random.fold_in(key, 1 << 20), (L, d, k)) * SCALE
-
-
-_base_jit = jax.jit(_base, static_argnums=(1, 2, 3))
-
-
-@functools.partial(jax.jit, static_argnums=(4,), donate_argnums=(0,))
-def _put_lora(stack, W, seed, i, r):
-  """Writes ``W + B_i A_i`` into slot ``i`` of the (donated) stack."""
-  L, _, d, k = stack.shape
-  kb, ka = jax.random.split(jax.random.fold_in(jax.random.key(seed), i))
-  B = jax.random.normal(kb, (L, d, r)) * SCALE
-  A = jax.random.normal(ka, (L, r, k)) * SCALE
-  return jax.lax.dynamic_update_index_in_dim(stack, W + B @ A, i, axis=1)
-
-
-def make_stack(seed, L, n, d, k, r):
-  """``(W [L, d, k], W' [L, n, d, k])``, seeded.
-
-  The stack is written one LoRA at a time into its own (donated) buffer, so
-  generating it takes its size plus one ``[L, d, k]`` temporary.
-  """
-  W = _base_jit(seed, L, d, k)
-  stack = jnp.zeros((L, n, d, k), jnp.float32)
-  for i in range(n):
-    stack = _put_lora(stack, W, seed, i, r)
-  return W, stack
-
-
 def make_case(name: str, seed: int, max_layers: int = 0):
-  """Groups of ``(W [L, d, k], W' [L, n, d, k])`` for a case, seeded."""
+  """Groups of ``(W [L, d, k], W' [L, n, d, k])`` for a case, seeded
+  (:func:`detune_jax.synthetic.lora_stack`: each stack written one LoRA at
+  a time into its own buffer, so that making the Mistral-shaped one takes
+  its size plus one ``[L, d, k]`` temporary)."""
   groups, n, r = CASES[name]
   out = []
   for g, ((d, k), count) in enumerate(groups):
     L = min(count, max_layers) if max_layers > 0 else count
-    out.append(make_stack(seed * 1000 + g, L, n, d, k, r))
+    out.append(lora_stack(seed * 1000 + g, d, k, n, r, layers=L, scale=SCALE))
   return out, n, r
 
 
@@ -231,7 +201,7 @@ def run_detune_jax(groups, r, steps) -> Dict:
   _solve_groups(groups, r, steps)                              # compiles
   compile_s = time.perf_counter() - start
   _, diags, _ = _solve_groups(groups, r, steps, W_true=True)
-  trace = _case_trace([np.asarray(d.w_error) for d in diags])
+  trace = _case_trace([np.asarray(d.solver.w_error) for d in diags])
   rank_trace = np.max(np.concatenate(
       [np.asarray(d.rank).reshape(-1, steps, np.asarray(d.rank).shape[-1])
        for d in diags]), axis=(0, 2))
@@ -311,7 +281,7 @@ def _torch():
 
 def run_reference(groups, r, steps) -> Dict:
   import torch  # pylint: disable=g-import-not-at-top
-  from experiments import reference_torch  # pylint: disable=g-import-not-at-top
+  from experiments import torch_reference  # pylint: disable=g-import-not-at-top
   walls, errs, traces_all, cum_all = [], [], [], []
   for rep in range(FLAGS.ref_repeats or FLAGS.repeats):
     torch.manual_seed(rep)
@@ -334,7 +304,7 @@ def run_reference(groups, r, steps) -> Dict:
           callback(step, W_s)
           clock[1] = time.perf_counter()
         clock[1] = time.perf_counter()
-        _, _, _, _ = reference_torch.spectral_detuning(
+        _, _, _, _ = torch_reference.spectral_detuning(
             torch.from_numpy(Wp_np[l].copy()), r, steps,
             callback=timed_callback)
         traces.append(np.asarray(trace)[None])
@@ -354,13 +324,11 @@ def run_reference(groups, r, steps) -> Dict:
 def real_case_stacks(n: int):
   """``(names, W_true [L, d, k], W_primes [L, n, d, k])``: the first ``n``
   fine-tunes of ``--minilm_dir``, every fine-tuned layer (one shape)."""
-  root = os.path.expanduser(FLAGS.minilm_dir)
-  models = sorted(glob.glob(os.path.join(root, "ft*")))
-  if len(models) < n:
-    raise app.UsageError(f"{len(models)} fine-tunes in {root}, need {n}: run "
-                         "python -m experiments.build_minilm_finetunes")
-  (names, W, Wp), = stacks.real_stacks(os.path.join(root, "base"),
-                                       models[:n]).values()
+  try:
+    base, models = model_stacks.folder_models(FLAGS.minilm_dir, n)
+  except FileNotFoundError as e:
+    raise app.UsageError(str(e)) from e
+  (names, W, Wp), = model_stacks.layer_stacks(base, models).values()
   return names, W, Wp
 
 
@@ -388,11 +356,11 @@ def run_real_case(case: str, n: int, steps: int, torch) -> Dict:
   res = dict(n=n, rank=r, names=names, detune_jax=mine, detune_jax_wall=wall,
              detune_jax_first_call_s=first_s)
   if torch is not None:
-    from experiments import reference_torch  # pylint: disable=g-import-not-at-top
+    from experiments import torch_reference  # pylint: disable=g-import-not-at-top
     ref, ref_wall = [], 0.0
     for l in range(len(names)):
       torch.manual_seed(0)
-      W_ref, _, _, sec = reference_torch.spectral_detuning(
+      W_ref, _, _, sec = torch_reference.spectral_detuning(
           torch.from_numpy(np.ascontiguousarray(Wp[l])), r, steps)
       ref_wall += sec
       ref.append(float(metrics.layer_w_error(W_ref.numpy(), W[l])))
@@ -441,7 +409,7 @@ def memory_child(method: str) -> Dict:
   """
   if method == "reference":
     import torch  # pylint: disable=g-import-not-at-top
-    from experiments import reference_torch  # pylint: disable=g-import-not-at-top
+    from experiments import torch_reference  # pylint: disable=g-import-not-at-top
   after_imports = _rss_kb("VmRSS")
   [((d, k), count)], n, r = CASES["mistral"]
   steps = FLAGS.mistral_steps
@@ -464,7 +432,7 @@ def memory_child(method: str) -> Dict:
   start = time.perf_counter()
   if method == "reference":
     Wp_t = torch.from_numpy(np.asarray(Wp)[0])  # shares the stack's buffer
-    W_rec, _, _, seconds = reference_torch.spectral_detuning(Wp_t, r, steps)
+    W_rec, _, _, seconds = torch_reference.spectral_detuning(Wp_t, r, steps)
     W_rec = W_rec.numpy()
   else:
     # The stack is handed over: the solver keeps W' - mean in its buffer.
@@ -474,7 +442,8 @@ def memory_child(method: str) -> Dict:
     W_rec = np.asarray(W_rec[0])
     seconds = time.perf_counter() - start
   peak = _rss_kb("VmHWM")
-  W_np = np.asarray(_base_jit(FLAGS.seed * 1000, count, d, k))[0]
+  W_np = np.asarray(lora_stack(FLAGS.seed * 1000, d, k, 0, r, layers=count,
+                               scale=SCALE)[0])[0]
   err = float(np.log10(max(np.mean((W_rec - W_np) ** 2), 1e-30)))
   kib = 1024
   return dict(method=method, seconds=seconds, steps=steps, w_error=err,
@@ -525,6 +494,120 @@ def _fmt(x, f="{:.3f}"):
   return "n/a" if x is None else f.format(x)
 
 
+def run_mistral_case(torch) -> Dict:
+  """The Mistral-shaped case, each method in a fresh process; prints it."""
+  res = {"detune_jax": run_memory_case("detune_jax")}
+  if FLAGS.mistral_cache:
+    with tempfile.TemporaryDirectory() as cache_dir:
+      run_memory_case("detune_jax", cache_dir)         # fills the cache
+      res["detune_jax_cached"] = run_memory_case("detune_jax", cache_dir)
+  if torch is not None:
+    res["reference"] = run_memory_case("reference")
+  print(f"\n== mistral: 1 layer 4096x4096, n=12, r=64, "
+        f"{FLAGS.mistral_steps} steps (fresh process per method; "
+        f"detune_jax_cached: compiled programs read from jax's "
+        f"persistent cache, as on a second run)")
+  for m, v in res.items():
+    print(f"  {m:17s} wall {v['seconds']:7.2f} s  s/step "
+          f"{v['seconds'] / v['steps']:6.3f}  W-Error {v['w_error']:7.2f}"
+          f"  peak-imports {v['peak_minus_imports_bytes'] / 2**20:5.0f} "
+          f"MiB = {v['ratio']:.2f}x input "
+          f"({v['input_bytes'] / 2**20:.0f} MiB); "
+          f"{v['ratio_after_runtime']:.2f}x above the started runtime "
+          f"({v['runtime_bytes'] / 2**20:.0f} MiB); compiled programs "
+          f"kept {v['compiled_bytes'] / 2**20:.0f} MiB; making the "
+          f"stack peaked at "
+          f"{v['stack_peak_minus_imports_bytes'] / v['input_bytes']:.2f}x")
+    if m.startswith("detune_jax"):
+      mib = lambda x: x / 2**20
+      parts = dict(runtime=v["runtime_bytes"],
+                   compiled=v["compiled_bytes"], stack=v["input_bytes"],
+                   mean_then_W=v["xla_alias_bytes"],
+                   xla_temporaries=v["xla_temp_bytes"])
+      parts["other"] = v["peak_minus_imports_bytes"] - sum(parts.values())
+      print("    breakdown of the peak (MiB): " + ", ".join(
+          f"{key} {mib(x):.0f}" for key, x in parts.items()))
+  return res
+
+
+def print_floor(dj_res: Dict) -> None:
+  """detune_jax's compilation, its matmul floors and its stopped run."""
+  print(f"  detune_jax compilation (first call, not in wall): "
+        f"{dj_res['compile_and_first_run_s']:.2f} s")
+  fl = dj_res["floor"]
+  print("  matmul floor per step at width q, one pass (D_i V_i or "
+        "Q_i^T D_i) / two passes (both): " +
+        ", ".join(f"q={q}: {a:.4f}/{b:.4f} s" for q, (a, b)
+                  in fl["per_q"].items()))
+  print(f"  floor of the run (sum over steps at their working rank; "
+        f"median of the floors timed after each run): one pass "
+        f"{fl['run_s']:.2f} s, two passes {fl['run_two_s']:.2f} s; "
+        f"detune_jax is {np.median(fl['ratio_one']):.2f}x the one-pass "
+        f"(runs {_fmt_list(fl['ratio_one'])}) and "
+        f"{np.median(fl['ratio_two']):.2f}x the two-pass floor (median of "
+        f"each run over the floor timed right after it)")
+  print(f"  per step (the run less the same run stopped after step 1: "
+        f"runs {_fmt_list(fl['first_step_walls'])} s): "
+        f"{np.median(fl['ratio_loop']):.2f}x the one-pass floor of those "
+        f"steps (runs {_fmt_list(fl['ratio_loop'])})")
+  if dj_res.get("tta_step"):
+    print(f"  detune_jax stopped after step {dj_res['tta_step']} "
+          f"(plain W-step trace reaches it at step "
+          f"{dj_res['tta_plain_step']}): W-Error {dj_res['tta_w_error']:.2f} "
+          f"(runs {_fmt_list(dj_res['tta_walls'])} s)")
+
+
+def run_synthetic_case(case: str, torch) -> Dict:
+  """A synthetic case: both methods timed, their times-to-accuracy and
+  ratios; prints it."""
+  groups, n, r = make_case(case, FLAGS.seed, FLAGS.layers)
+  n_layers = sum(int(W.shape[0]) for W, _ in groups)
+  shapes = ", ".join(f"{int(W.shape[0])}x{tuple(W.shape[1:])}"
+                     for W, _ in groups)
+  print(f"\n== {case}: {n_layers} layers ({shapes}), n={n}, r={r}, "
+        f"{FLAGS.steps} steps")
+  res = {"detune_jax": run_detune_jax(groups, r, FLAGS.steps)}
+  if torch is not None:
+    res["reference"] = run_reference(groups, r, FLAGS.steps)
+  target = res["reference"]["w_error"] if torch is not None else None
+  for m, v in res.items():
+    wall = float(np.median(v["walls"]))
+    v["wall_median"] = wall
+    v["s_per_step"] = wall / v["steps"]
+    if target is not None and m == "detune_jax":
+      v.update(measure_tta(groups, r, FLAGS.steps, v, target))
+    elif target is not None:
+      v["tta"], v["tta_step"] = _tta(v, target)
+    print(f"  {m:11s} wall {wall:8.2f} s (runs {_fmt_list(v['walls'])})  "
+          f"s/step {v['s_per_step']:.4f}  steps {v['steps']}  "
+          f"W-Error {v['w_error']:7.2f}  "
+          f"time-to-acc {_fmt(v.get('tta'))} s (step {v.get('tta_step')})")
+  print_floor(res["detune_jax"])
+  if target is not None:
+    a, b = res["reference"], res["detune_jax"]
+    ratio_wall = a["wall_median"] / b["wall_median"]
+    ratio_tta = (a["tta"] / b["tta"]) if (a["tta"] and b["tta"]) else None
+    print(f"  ratio reference/detune_jax: wall {ratio_wall:.1f}x, "
+          f"s/step {a['s_per_step'] / b['s_per_step']:.1f}x, "
+          f"time-to-accuracy {_fmt(ratio_tta, '{:.1f}')}x; "
+          f"W-Error {b['w_error']:.2f} vs {a['w_error']:.2f}")
+    res["ratio"] = dict(wall=ratio_wall, tta=ratio_tta)
+  return res
+
+
+def _plain(x):
+  """``x`` with numpy arrays and scalars as lists and Python numbers."""
+  if isinstance(x, dict):
+    return {k: _plain(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_plain(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  return x
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
   if FLAGS._memory_child:
@@ -547,110 +630,13 @@ def main(argv: Sequence[str]) -> None:
         res = run_real_case(case, int(n), FLAGS.steps, torch)
         print_real_case(case, res)
         results[case][f"n{n}"] = res
-      continue
-    if case == "mistral":
-      res = {"detune_jax": run_memory_case("detune_jax")}
-      if FLAGS.mistral_cache:
-        with tempfile.TemporaryDirectory() as cache_dir:
-          run_memory_case("detune_jax", cache_dir)         # fills the cache
-          res["detune_jax_cached"] = run_memory_case("detune_jax", cache_dir)
-      if torch is not None:
-        res["reference"] = run_memory_case("reference")
-      results[case] = res
-      print(f"\n== mistral: 1 layer 4096x4096, n=12, r=64, "
-            f"{FLAGS.mistral_steps} steps (fresh process per method; "
-            f"detune_jax_cached: compiled programs read from jax's "
-            f"persistent cache, as on a second run)")
-      for m, v in res.items():
-        print(f"  {m:17s} wall {v['seconds']:7.2f} s  s/step "
-              f"{v['seconds'] / v['steps']:6.3f}  W-Error {v['w_error']:7.2f}"
-              f"  peak-imports {v['peak_minus_imports_bytes'] / 2**20:5.0f} "
-              f"MiB = {v['ratio']:.2f}x input "
-              f"({v['input_bytes'] / 2**20:.0f} MiB); "
-              f"{v['ratio_after_runtime']:.2f}x above the started runtime "
-              f"({v['runtime_bytes'] / 2**20:.0f} MiB); compiled programs "
-              f"kept {v['compiled_bytes'] / 2**20:.0f} MiB; making the "
-              f"stack peaked at "
-              f"{v['stack_peak_minus_imports_bytes'] / v['input_bytes']:.2f}x")
-        if m.startswith("detune_jax"):
-          mib = lambda x: x / 2**20
-          parts = dict(runtime=v["runtime_bytes"],
-                       compiled=v["compiled_bytes"], stack=v["input_bytes"],
-                       mean_then_W=v["xla_alias_bytes"],
-                       xla_temporaries=v["xla_temp_bytes"])
-          parts["other"] = v["peak_minus_imports_bytes"] - sum(parts.values())
-          print("    breakdown of the peak (MiB): " + ", ".join(
-              f"{key} {mib(x):.0f}" for key, x in parts.items()))
-      continue
-    groups, n, r = make_case(case, FLAGS.seed, FLAGS.layers)
-    n_layers = sum(int(W.shape[0]) for W, _ in groups)
-    shapes = ", ".join(f"{int(W.shape[0])}x{tuple(W.shape[1:])}"
-                       for W, _ in groups)
-    print(f"\n== {case}: {n_layers} layers ({shapes}), n={n}, r={r}, "
-          f"{FLAGS.steps} steps")
-    res = {"detune_jax": run_detune_jax(groups, r, FLAGS.steps)}
-    if torch is not None:
-      res["reference"] = run_reference(groups, r, FLAGS.steps)
-    target = res["reference"]["w_error"] if torch is not None else None
-    for m, v in res.items():
-      wall = float(np.median(v["walls"]))
-      v["wall_median"] = wall
-      v["s_per_step"] = wall / v["steps"]
-      if target is not None and m == "detune_jax":
-        v.update(measure_tta(groups, r, FLAGS.steps, v, target))
-      elif target is not None:
-        v["tta"], v["tta_step"] = _tta(v, target)
-      print(f"  {m:11s} wall {wall:8.2f} s (runs {_fmt_list(v['walls'])})  "
-            f"s/step {v['s_per_step']:.4f}  steps {v['steps']}  "
-            f"W-Error {v['w_error']:7.2f}  "
-            f"time-to-acc {_fmt(v.get('tta'))} s (step {v.get('tta_step')})")
-    dj_res = res["detune_jax"]
-    print(f"  detune_jax compilation (first call, not in wall): "
-          f"{dj_res['compile_and_first_run_s']:.2f} s")
-    fl = dj_res["floor"]
-    print("  matmul floor per step at width q, one pass (D_i V_i or "
-          "Q_i^T D_i) / two passes (both): " +
-          ", ".join(f"q={q}: {a:.4f}/{b:.4f} s" for q, (a, b)
-                    in fl["per_q"].items()))
-    print(f"  floor of the run (sum over steps at their working rank; "
-          f"median of the floors timed after each run): one pass "
-          f"{fl['run_s']:.2f} s, two passes {fl['run_two_s']:.2f} s; "
-          f"detune_jax is {np.median(fl['ratio_one']):.2f}x the one-pass "
-          f"(runs {_fmt_list(fl['ratio_one'])}) and "
-          f"{np.median(fl['ratio_two']):.2f}x the two-pass floor (median of "
-          f"each run over the floor timed right after it)")
-    print(f"  per step (the run less the same run stopped after step 1: "
-          f"runs {_fmt_list(fl['first_step_walls'])} s): "
-          f"{np.median(fl['ratio_loop']):.2f}x the one-pass floor of those "
-          f"steps (runs {_fmt_list(fl['ratio_loop'])})")
-    if dj_res.get("tta_step"):
-      print(f"  detune_jax stopped after step {dj_res['tta_step']} "
-            f"(plain W-step trace reaches it at step "
-            f"{dj_res['tta_plain_step']}): W-Error {dj_res['tta_w_error']:.2f} "
-            f"(runs {_fmt_list(dj_res['tta_walls'])} s)")
-    if target is not None:
-      a, b = res["reference"], res["detune_jax"]
-      ratio_wall = a["wall_median"] / b["wall_median"]
-      ratio_tta = (a["tta"] / b["tta"]) if (a["tta"] and b["tta"]) else None
-      print(f"  ratio reference/detune_jax: wall {ratio_wall:.1f}x, "
-            f"s/step {a['s_per_step'] / b['s_per_step']:.1f}x, "
-            f"time-to-accuracy {_fmt(ratio_tta, '{:.1f}')}x; "
-            f"W-Error {b['w_error']:.2f} vs {a['w_error']:.2f}")
-      res["ratio"] = dict(wall=ratio_wall, tta=ratio_tta)
-    results[case] = res
+    elif case == "mistral":
+      results[case] = run_mistral_case(torch)
+    else:
+      results[case] = run_synthetic_case(case, torch)
   if FLAGS.json_out:
-    def clean(x):
-      if isinstance(x, dict):
-        return {k: clean(v) for k, v in x.items()}
-      if isinstance(x, (list, tuple)):
-        return [clean(v) for v in x]
-      if isinstance(x, np.ndarray):
-        return x.tolist()
-      if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-      return x
     with open(FLAGS.json_out, "w") as f:
-      json.dump(clean(results), f, indent=1)
+      json.dump(_plain(results), f, indent=1)
 
 
 def _fmt_list(xs):

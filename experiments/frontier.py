@@ -23,7 +23,6 @@ one plot per scenario.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import time
@@ -33,8 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import detune_jax as dj
+from detune_jax import model_stacks
+from detune_jax.solvers import grid
 from detune_jax.solvers import registry
-from experiments import stacks
+from detune_jax.synthetic import lora_stack
 
 FLAGS = flags.FLAGS
 
@@ -49,7 +50,7 @@ def define_flags():
                     "the plots from an existing OUT/frontier.json.")
   flags.DEFINE_integer("dim", 384, "Synthetic layer size (dim x dim).")
   flags.DEFINE_integer("rank", 16, "LoRA rank.")
-  flags.DEFINE_integer("layers", 2, "Synthetic layers (seeds) per scenario.")
+  flags.DEFINE_integer("layers", 2, "Synthetic layers per scenario.")
   flags.DEFINE_float("shared", 0.8, "Shared fraction of the correlated LoRAs.")
   flags.DEFINE_integer("steps", 300, "Steps of the iterative methods.")
   flags.DEFINE_list("methods", list(METHODS), "Methods to run.")
@@ -66,34 +67,23 @@ SCENARIOS = ("gaussian", "correlated", "gaussian_bf16", "correlated_bf16",
 
 def scenario_stack(name: str, n: int, *, dim: int, rank: int, layers: int,
                    shared: float, minilm_dir: str):
-  """``(W_true [L, d, k], W_primes [L, n, d, k])`` of a scenario."""
+  """``(W_true [L, d, k], W_primes [L, n, d, k])`` of a scenario: a
+  synthetic stack of :func:`detune_jax.synthetic.lora_stack` (seed 0), or
+  the real fine-tunes read by :func:`detune_jax.model_stacks.folder_stack`."""
   if name not in SCENARIOS:
     raise ValueError(f"unknown scenario {name!r}; expected one of "
                      f"{list(SCENARIOS)}")
-  if name.startswith("minilm"):
-    root = os.path.expanduser(minilm_dir)
-    models = sorted(glob.glob(os.path.join(root, "ft*")))
-    if len(models) < n:
-      raise FileNotFoundError(
-          f"{len(models)} fine-tunes in {root}, need {n}: run "
-          "python -m experiments.build_minilm_finetunes")
-    dtype = "bfloat16" if name.endswith("bf16") else "float32"
-    groups = stacks.real_stacks(os.path.join(root, "base"), models[:n],
-                                dtype=dtype)
-    if len(groups) != 1:
-      raise ValueError(f"expected one layer shape, got {list(groups)}")
-    (_, W, Wp), = groups.values()
-    return W, Wp
   dtype = "bfloat16" if name.endswith("bf16") else "float32"
-  sh = shared if name.startswith("correlated") else 0.0
-  pairs = [stacks.synthetic_stack(seed, dim, dim, n, rank, shared=sh,
-                                  dtype=dtype) for seed in range(layers)]
-  return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+  if name.startswith("minilm"):
+    return model_stacks.folder_stack(minilm_dir, n, dtype=dtype)
+  return lora_stack(0, dim, dim, n, rank, layers=layers,
+                    shared=shared if name.startswith("correlated") else 0.0,
+                    dtype=dtype)
 
 
 def run_method(method: str, W_primes, rank: int, steps: int):
   """``(W, seconds)`` or ``(None, reason)`` when the method does not apply."""
-  low = stacks.NP_DTYPES["bfloat16"] == W_primes.dtype
+  low = grid.low_precision_dtype(W_primes) is not None
   opts = {}
   if method != "auto" and low:
     opts["dtype_aware"] = False  # the raw methods; "auto" is dtype-aware

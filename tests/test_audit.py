@@ -6,13 +6,15 @@ import pickle
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from detune_jax import audit
+from detune_jax import model_stacks
 from detune_jax.io import BadInputError, ModelFiles, write_model
-from experiments import audit, frontier, stacks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,7 +25,7 @@ def make_models(tmp_path, n=4, dtype="float32"):
   W = {"a.weight": rng.normal(size=(40, 32)) * 0.02,
        "b.weight": rng.normal(size=(32, 40)) * 0.02}
   bias = rng.normal(size=(32,)).astype(np.float32)
-  np_dtype = stacks.NP_DTYPES[dtype]
+  np_dtype = jnp.dtype(dtype)
   base = tmp_path / "base"
   base.mkdir()
   save_file({**{k: v.astype(np_dtype) for k, v in W.items()}, "bias": bias},
@@ -89,36 +91,29 @@ def test_audit_binary(tmp_path):
 
 
 @pytest.mark.slow
-def test_frontier_synthetic_scenarios_and_table():
-  rows = frontier.run_scenario("gaussian", [2, 3], dim=32, rank=2, layers=1,
-                               shared=0.0, steps=30, minilm_dir="/nonexistent",
-                               log=lambda *_: None)
+def test_frontier_binary_synthetic_scenario_and_table(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.frontier", "--scenarios=gaussian",
+       "--ns=2,3", "--dim=32", "--rank=2", "--layers=1", "--steps=30",
+       f"--out={tmp_path}"], capture_output=True, text=True, timeout=600,
+      cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = json.loads((tmp_path / "frontier.json").read_text())
   methods = {(r["n"], r["method"]) for r in rows}
   assert (2, "closed_form") not in methods and (3, "closed_form") in methods
   cf3 = [r for r in rows if r["n"] == 3 and r["method"] == "closed_form"][0]
   assert cf3["w_error"] <= -12.0
-  md = frontier.markdown(rows, "gaussian")
-  assert "| closed_form | — |" in md
-  W, Wp = stacks.synthetic_stack(0, 16, 12, 3, 2, shared=0.5,
-                                 dtype="bfloat16")
-  assert W.dtype == stacks.NP_DTYPES["bfloat16"] and Wp.shape == (3, 16, 12)
+  md = (tmp_path / "frontier.md").read_text()
+  assert "### gaussian" in md and "| closed_form | — |" in md
+  assert (tmp_path / "frontier_gaussian.png").stat().st_size > 1000
 
 
-def test_frontier_minilm_needs_the_builder():
+def test_real_scenarios_need_the_builder():
   with pytest.raises(FileNotFoundError, match="build_minilm_finetunes"):
-    frontier.scenario_stack("minilm", 3, dim=8, rank=2, layers=1, shared=0.0,
-                            minilm_dir="/nonexistent")
+    model_stacks.folder_stack("/nonexistent", 3)
 
 
 def test_frontier_scenarios_are_checked():
-  kw = dict(dim=16, rank=2, layers=1, shared=0.5, minilm_dir="/nonexistent")
-  W, Wp = frontier.scenario_stack("correlated_bf16", 3, **kw)
-  W32, Wp32 = frontier.scenario_stack("correlated", 3, **kw)
-  assert Wp.dtype == stacks.NP_DTYPES["bfloat16"] and Wp.shape == (1, 3, 16, 16)
-  # The same correlated stack, rounded as a bf16 release.
-  np.testing.assert_allclose(np.asarray(Wp, np.float32), Wp32, atol=1e-3)
-  with pytest.raises(ValueError, match="unknown scenario 'gausian'"):
-    frontier.scenario_stack("gausian", 3, **kw)
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.frontier", "--scenarios=gausian",
        "--out=/nonexistent/frontier"], capture_output=True, text=True,

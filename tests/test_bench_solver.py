@@ -14,7 +14,7 @@ from detune_jax.synthetic import lora_stack
 
 torch = pytest.importorskip("torch", reason="torch is the optional "
                             "'reference' extra")
-from experiments import reference_torch  # pylint: disable=g-import-not-at-top
+from experiments import torch_reference  # pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +25,7 @@ def test_reference_scheduler_matches_rank_schedule():
   losses = np.concatenate([np.full(30, 1.0), np.linspace(1, 0.5, 20),
                            np.full(40, 0.5), rng.uniform(0.1, 0.2, 60)])
   steps, end = 150, 16
-  ref = reference_torch.IncreaseRankOnPlateau(steps, end)
+  ref = torch_reference.IncreaseRankOnPlateau(steps, end)
   sched = dj.RankSchedule()
   state = dj.rank_schedule_init(sched, end)
   for t, loss in enumerate(losses, start=1):
@@ -38,7 +38,7 @@ def test_reference_scheduler_matches_rank_schedule():
 def test_reference_vs_detune_jax_on_a_small_layer():
   W, W_primes = lora_stack(0, 96, 80, n=4, rank=4)
   torch.manual_seed(0)
-  W_ref, losses, ranks, _ = reference_torch.spectral_detuning(
+  W_ref, losses, ranks, _ = torch_reference.spectral_detuning(
       torch.from_numpy(np.array(W_primes)), 4, 150)
   W_jax, diag = dj.spectral_detuning(W_primes, 4, 150)
   err_ref = float(dj.w_error(W_ref.numpy(), W))

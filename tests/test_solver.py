@@ -290,12 +290,12 @@ def stall_layer():
 def stall_reference(stall_layer):
   """W-Error of the paper's algorithm (PyTorch) on the stall layer, seeds 0-2."""
   torch = pytest.importorskip("torch")
-  from experiments import reference_torch
+  from experiments import torch_reference
   W_primes, W_true = stall_layer
   errs = {}
   for seed in range(3):
     torch.manual_seed(seed)
-    W, _, _, _ = reference_torch.spectral_detuning(
+    W, _, _, _ = torch_reference.spectral_detuning(
         torch.from_numpy(W_primes), 16, 300)
     errs[seed] = float(dj.w_error(W.numpy(), W_true))
   return errs

@@ -9,7 +9,8 @@ at every determined entry. This experiment asks whether searching toward
 such a base, from ``auto``'s output and reading only the releases, gets
 those entries (and others) right.
 
-The search is greedy over single grid steps. The score of a base is the
+The search (:func:`research.identifiability.consistency_search`) is greedy
+over single grid steps. The score of a base is the
 share of released values that ``explain_releases`` reproduces after
 ``--score_steps`` projections started from the current updates ``M_i``.
 Each round scores every entry with a value not reproduced, one grid step
@@ -29,7 +30,7 @@ It prints per layer ``auto``'s and the searched base's bit-exact shares,
 the share of values each reproduces, and how many of ``auto``'s wrong
 entries the search put right and how many right ones it put wrong. With
 ``--first_order`` it also runs
-:func:`detune_jax.solvers.grid.first_order_margin` for each of ``auto``'s
+:func:`detune_jax.first_order_margin` for each of ``auto``'s
 wrong entries (the true base with ``auto``'s value there, at the true
 base's witness) and says how many of those closed to first order (margin
 < 0 on some release) the search put right. An evaluation tool: it needs
@@ -37,7 +38,7 @@ the true base. It is slow (each score is a search over the whole layer),
 so it is a measurement, not a method.
 Results: docs/results.md, "Low ranks: searching for a consistent base".
 
-  python -m experiments.consistency_search --dim=64 --rank=2 --layers=2 \
+  python -m research.consistency_search --dim=64 --rank=2 --layers=2 \
       --first_order
 """
 
@@ -53,9 +54,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from detune_jax.solvers import grid
+from detune_jax.solvers import grid_diagnostics
 from detune_jax.solvers import registry
-from experiments import bit_exact
-from experiments import frontier
+from detune_jax.synthetic import lora_stack
+from research import identifiability
 
 FLAGS = flags.FLAGS
 
@@ -65,7 +67,7 @@ def define_flags():
   flags.DEFINE_integer("n", 3, "Number of fine-tunes.")
   flags.DEFINE_integer("dim", 64, "Synthetic layer size.")
   flags.DEFINE_integer("rank", 2, "LoRA rank.")
-  flags.DEFINE_integer("layers", 2, "Synthetic layers (seeds).")
+  flags.DEFINE_integer("layers", 2, "Synthetic layers.")
   flags.DEFINE_integer("rounds", 30, "Rounds of the search at most.")
   flags.DEFINE_integer("accept", 10, "Moves kept per round at most.")
   flags.DEFINE_integer("score_steps", 1000, "Projections per score.")
@@ -84,110 +86,20 @@ def define_flags():
                        "re-reading the entries in doubt).")
   flags.DEFINE_float("grid_momentum", grid.MOMENTUM, "auto's grid_momentum "
                      "(0: plain projections).")
-  flags.DEFINE_float("explain_relax", grid.EXPLAIN_RELAX, "explain_releases's "
-                     "relax in every search (1.9 with --explain_momentum=0: "
-                     "the over-relaxed search without momentum).")
-  flags.DEFINE_float("explain_momentum", grid.EXPLAIN_MOMENTUM,
+  flags.DEFINE_float("explain_relax", grid_diagnostics.EXPLAIN_RELAX,
+                     "explain_releases's relax in every search (1.9 with "
+                     "--explain_momentum=0: the over-relaxed search without "
+                     "momentum).")
+  flags.DEFINE_float("explain_momentum", grid_diagnostics.EXPLAIN_MOMENTUM,
                      "explain_releases's momentum in every search.")
   flags.DEFINE_string("json_out", None, "Write the rows to this JSON file.")
 
 
-def _all_moves(Wp, W, M):
-  """Every entry with a value not reproduced by ``W + M_i``, one grid step
-  up and one down: ``[(flat entry, value)]``. Released zeros are left out
-  (``explain_releases`` counts them within a tolerance; no grid step of
-  ``W`` mends them)."""
-  out = (np.asarray(W, np.float64)[None] + M).astype(np.float32)
-  out = np.asarray(jnp.asarray(out).astype(Wp.dtype))
-  released = np.asarray(Wp)
-  entries = np.flatnonzero(((out != released) & (released != 0)).any(0))
-  Wb = jnp.asarray(W.ravel()[entries], Wp.dtype)
-  return [(e, float(v)) for up in (True, False) for e, v in
-          zip(entries, np.asarray(grid._next_toward(Wb, up), np.float32))]
-
-
-def _pulled_moves(Wp, W, M, count):
-  """The ``count`` entries that the rounding intervals pull hardest, one
-  grid step the way they pull: ``sum_i clip(W + M_i, lo_i, hi_i) - (W +
-  M_i)``, the step ``W`` would take toward the boxes given the ``M_i``."""
-  lo, hi = (np.asarray(x, np.float64) for x in grid.rounding_interval(Wp))
-  S = np.asarray(W, np.float64)[None] + M
-  # Released zeros left out, as in _all_moves.
-  pull = np.where(np.asarray(Wp) != 0, np.clip(S, lo, hi) - S, 0.0)
-  pull = pull.sum(0).ravel()
-  entries = np.argsort(-np.abs(pull), kind="stable")[:count]
-  entries = entries[pull[entries] != 0]
-  Wb = jnp.asarray(W.ravel()[entries], Wp.dtype)
-  up = np.asarray(grid._next_toward(Wb, True), np.float32)
-  down = np.asarray(grid._next_toward(Wb, False), np.float32)
-  return list(zip(entries, np.where(pull[entries] > 0, up, down).tolist()))
-
-
-def _scores(Wp, W, M, rank, moves, steps, search):
-  """Reproduced share of each base ``W`` with one move ``(entry, value)``,
-  after ``steps`` projections from ``M``."""
-  return bit_exact.explain_changed(Wp, W, moves, rank, steps=steps, start=M,
-                                   chunk=64, search=search)[1]
-
-
-def consistency_search(Wp, W, rank, *, rounds, accept, score_steps,
-                       explain_steps, candidates=0, start=None, log=None,
-                       search=None):
-  """The greedy search of the module docstring on one layer, from ``W``
-  (and the first search from the updates ``start``, if given); ``search``:
-  explain_releases' other options in every search (e.g. ``relax``).
-
-  Returns ``(W, info)``: the searched float32 base and a dict with the
-  reproduced share before and after, whether the result is explained, and
-  the rounds run.
-  """
-  W = np.array(W, np.float32)
-  search = search or {}
-  ex = grid.explain_releases(Wp, W, rank, max_steps=explain_steps,
-                             start=start, **search)
-  M, cur = ex.updates, float(ex.reproduced)
-  info = dict(reproduced_start=cur, explained_start=bool(ex.explained))
-  rounds_run = 0
-  while not bool(ex.explained) and rounds_run < rounds:
-    rounds_run += 1
-    moves = (_pulled_moves(Wp, W, M, candidates) if candidates
-             else _all_moves(Wp, W, M))
-    scores = _scores(Wp, W, M, rank, moves, score_steps, search)
-    if not np.any(scores > cur):
-      # A stall: the scores are searches cut short, so the moves of every
-      # entry with a value not reproduced are scored with longer ones
-      # before giving up.
-      moves = _all_moves(Wp, W, M)
-      scores = _scores(Wp, W, M, rank, moves, 4 * score_steps, search)
-    taken = set()
-    for i in np.argsort(-scores, kind="stable"):
-      if scores[i] <= cur or len(taken) >= accept:
-        break
-      e, v = moves[i]
-      if e not in taken:
-        taken.add(e)
-        W.flat[e] = v
-    # A longer search on the new base (on the same one when no move scored
-    # higher: it may still be explained).
-    ex = grid.explain_releases(Wp, W, rank, max_steps=4 * score_steps,
-                               start=M, **search)
-    M, cur = ex.updates, float(ex.reproduced)
-    if log:
-      log(f"  round {rounds_run}: {len(moves)} moves scored, {len(taken)} "
-          f"kept; {100 * cur:.3f}% reproduced")
-    if not taken:
-      break
-  info.update(reproduced=cur, explained=bool(ex.explained),
-              rounds=rounds_run)
-  return W, info
-
-
 def main(argv: Sequence[str]) -> None:
   del argv
-  search = bit_exact._search()
-  truths, releases = frontier.scenario_stack(
-      "gaussian_bf16", FLAGS.n, dim=FLAGS.dim, rank=FLAGS.rank,
-      layers=FLAGS.layers, shared=0.0, minilm_dir="")
+  search = dict(relax=FLAGS.explain_relax, momentum=FLAGS.explain_momentum)
+  truths, releases = lora_stack(0, FLAGS.dim, FLAGS.dim, FLAGS.n, FLAGS.rank,
+                                layers=FLAGS.layers, dtype="bfloat16")
   rows = []
   for layer in range(FLAGS.layers):
     Wp = jnp.asarray(releases[layer])
@@ -197,7 +109,7 @@ def main(argv: Sequence[str]) -> None:
                             grid_momentum=FLAGS.grid_momentum)
     W_a = np.asarray(W_a, np.float32)
     start = time.perf_counter()
-    W_s, info = consistency_search(
+    W_s, info = identifiability.consistency_search(
         Wp, W_a, FLAGS.rank, rounds=FLAGS.rounds, accept=FLAGS.accept,
         score_steps=FLAGS.score_steps, explain_steps=FLAGS.explain_steps,
         candidates=FLAGS.candidates, log=lambda s: print(s, flush=True),
@@ -221,15 +133,15 @@ def main(argv: Sequence[str]) -> None:
           f"{row['auto_wrong']} wrong entries {row['put_right']} put right, "
           f"{row['put_wrong']} right ones put wrong", flush=True)
     if FLAGS.first_order:
-      witness = grid.explain_releases(Wp, truth, FLAGS.rank,
-                                      max_steps=FLAGS.explain_steps, **search)
+      witness = grid_diagnostics.explain_releases(
+          Wp, truth, FLAGS.rank, max_steps=FLAGS.explain_steps, **search)
       if not bool(witness.explained):
         print(f"layer {layer}: the true base not explained; no first-order "
               "test", flush=True)
       else:
         entries = np.flatnonzero(wrong_a)
-        margins = bit_exact._first_order(Wp, truth, W_a, FLAGS.rank,
-                                         witness.updates, entries)
+        margins = identifiability.first_order_margins(
+            Wp, truth, W_a, FLAGS.rank, witness.updates, entries)
         closed = margins < 0
         right = ~wrong_s.ravel()[entries]
         row.update(closed=int(closed.sum()),

@@ -20,8 +20,8 @@ number of fine-tunes:
   base ``on_grid``, the float32 base ``off_grid``); bit-exact shares against
   the released (rounded) base.
 
-  python -m experiments.off_grid --dim=96 --rank=4 --layers=2
-  python -m experiments.off_grid --scenario=minilm --ns=3,5,8
+  python -m research.off_grid --dim=96 --rank=4 --layers=2
+  python -m research.off_grid --scenario=minilm --ns=3,5,8
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import detune_jax as dj
+from detune_jax import model_stacks
 from detune_jax.solvers import grid
 from detune_jax.solvers import registry
-from experiments import stacks
+from detune_jax.synthetic import lora_stack, release
 
 FLAGS = flags.FLAGS
 
@@ -52,8 +53,8 @@ def define_flags():
                     "Release dtype.")
   flags.DEFINE_integer("dim", 96, "Synthetic layer size.")
   flags.DEFINE_integer("rank", 4, "LoRA rank (16 for minilm).")
-  flags.DEFINE_integer("layers", 2, "Synthetic layers (seeds); minilm: the "
-                       "first this many layers (0: all 24).")
+  flags.DEFINE_integer("layers", 2, "Synthetic layers; minilm: the first this "
+                       "many layers (0: all 24).")
   flags.DEFINE_string("minilm_dir", os.path.join("~", ".cache", "detune_jax",
                                                  "minilm_finetunes"),
                       "Cache of the MiniLM fine-tunes.")
@@ -64,30 +65,23 @@ def float32_stacks(n: int):
   """``(W32 [L, d, k], W_primes32 [L, n, d, k])``: the float32 base and
   merges of the scenario."""
   if FLAGS.scenario == "minilm":
-    root = os.path.expanduser(FLAGS.minilm_dir)
-    models = sorted(os.path.join(root, m) for m in os.listdir(root)
-                    if m.startswith("ft"))
-    (_, W, Wp), = stacks.real_stacks(os.path.join(root, "base"), models[:n],
-                                     dtype="float32").values()
+    W, Wp = model_stacks.folder_stack(FLAGS.minilm_dir, n)
     if FLAGS.layers:
       W, Wp = W[:FLAGS.layers], Wp[:FLAGS.layers]
     return W, Wp
-  pairs = [stacks.synthetic_stack(seed, FLAGS.dim, FLAGS.dim, n, FLAGS.rank)
-           for seed in range(FLAGS.layers)]
-  return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+  return lora_stack(0, FLAGS.dim, FLAGS.dim, n, FLAGS.rank,
+                    layers=FLAGS.layers)
 
 
 def releases(W32, Wp32, dtype: str):
   """``{model: (W_target float32, W_released, W_primes)}`` for the two
   release models: ``on_grid`` (the base rounded, then each merge of it
-  rounded: :func:`experiments.stacks.release`) and ``off_grid`` (each
+  rounded: :func:`detune_jax.synthetic.release`) and ``off_grid`` (each
   float32 merge, and the base, rounded on its own)."""
   out = {}
   for model, rebase in (("on_grid", True), ("off_grid", False)):
-    W, Wp = zip(*[stacks.release(W32[l], Wp32[l], dtype, rebase)
-                  for l in range(len(W32))])
-    W, Wp = np.stack(W), np.stack(Wp)
-    out[model] = (W.astype(np.float32) if rebase else W32, W, Wp)
+    W, Wp = release(W32, Wp32, dtype, rebase)
+    out[model] = (W.astype(np.float32) if rebase else np.asarray(W32), W, Wp)
   return out
 
 

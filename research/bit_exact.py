@@ -24,7 +24,7 @@ bit-exactly and the W-Error by:
   a span holding no other grid point than the base's. No estimator that
   reads only the releases can pin more (in the row: that share, and as
   ``bit_exact`` the midrange estimate from the true ``M_i``; see
-  :func:`detune_jax.solvers.grid.determined_fraction`).
+  :func:`detune_jax.solvers.grid_diagnostics.determined_fraction`).
 
 With ``--explain``, also whether each base is *explained* by the releases
 (:func:`detune_jax.explain_releases`: rank-r updates found with which it
@@ -47,10 +47,10 @@ in groups of ``--swap_group`` that are split in halves when not
 explained).
 An entry found so is open: the releases do not determine it.
 
-  python -m experiments.bit_exact --ns=3,5 --dim=256 --layers=2
-  python -m experiments.bit_exact --scenario=minilm --ns=3,5
-  python -m experiments.bit_exact --ns=3 --dim=256 --layers=2 --explain
-  python -m experiments.bit_exact --ns=3 --dim=96 --rank=4 --layers=2 \
+  python -m research.bit_exact --ns=3,5 --dim=256 --layers=2
+  python -m research.bit_exact --scenario=minilm --ns=3,5
+  python -m research.bit_exact --ns=3 --dim=256 --layers=2 --explain
+  python -m research.bit_exact --ns=3 --dim=96 --rank=4 --layers=2 \
       --explain --explain_swaps
 """
 
@@ -68,22 +68,25 @@ import jax.numpy as jnp
 import numpy as np
 
 import detune_jax as dj
+from detune_jax import model_stacks
 from detune_jax.solvers import grid
+from detune_jax.solvers import grid_diagnostics
 from detune_jax.solvers import registry
-from experiments import frontier
+from detune_jax.synthetic import lora_stack
+from research import identifiability
 
 FLAGS = flags.FLAGS
 
 
 def define_flags():
   """Flags of the binary (defined on run, so that imports never clash)."""
-  flags.DEFINE_string("scenario", "gaussian", "gaussian (synthetic) or minilm "
-                      "(the cached real fine-tunes of "
-                      "experiments.build_minilm_finetunes).")
+  flags.DEFINE_enum("scenario", "gaussian", ["gaussian", "minilm"],
+                    "gaussian (synthetic) or minilm (the cached real "
+                    "fine-tunes of experiments.build_minilm_finetunes).")
   flags.DEFINE_list("ns", ["3", "5"], "Numbers of fine-tunes.")
   flags.DEFINE_integer("dim", 256, "Synthetic layer size.")
   flags.DEFINE_integer("rank", 16, "LoRA rank.")
-  flags.DEFINE_integer("layers", 2, "Synthetic layers (seeds).")
+  flags.DEFINE_integer("layers", 2, "Synthetic layers.")
   flags.DEFINE_integer("grid_steps", registry.GRID_STEPS, "Alternations of "
                        "grid_refine per round.")
   flags.DEFINE_list("grid_restarts", [str(registry.GRID_RESTARTS)],
@@ -115,13 +118,13 @@ def define_flags():
   flags.DEFINE_string("json_out", None, "Write the rows to this JSON file.")
   flags.DEFINE_bool("explain", False, "Also look for rank-r updates with which "
                     "the default auto row's base and the true base reproduce "
-                    "every released value (grid.explain_releases; float64, "
+                    "every released value (explain_releases; float64, "
                     "up to a minute per MiniLM layer).")
   flags.DEFINE_integer("explain_steps", 32000, "explain_releases's max_steps.")
-  flags.DEFINE_float("explain_relax", grid.EXPLAIN_RELAX, "explain_releases's "
-                     "relax (1.9 with --explain_momentum=0: the over-relaxed "
-                     "search without momentum).")
-  flags.DEFINE_float("explain_momentum", grid.EXPLAIN_MOMENTUM,
+  flags.DEFINE_float("explain_relax", grid_diagnostics.EXPLAIN_RELAX,
+                     "explain_releases's relax (1.9 with --explain_momentum=0: "
+                     "the over-relaxed search without momentum).")
+  flags.DEFINE_float("explain_momentum", grid_diagnostics.EXPLAIN_MOMENTUM,
                      "explain_releases's momentum.")
   flags.DEFINE_bool("explain_swaps", False, "With --explain, also look for "
                     "explained bases next to the true one: (a) the true base "
@@ -145,7 +148,7 @@ def define_flags():
   flags.DEFINE_integer("swap_steps", 8000, "explain_releases's max_steps per "
                        "swap test (started from the true base's witness).")
   flags.DEFINE_enum("swap_first_order", "none", ["none", "unopened", "all"],
-                    "Also the first-order test (grid.first_order_margin, an LP "
+                    "Also the first-order test (first_order_margin, an LP "
                     "per release) of each swap: the true base with the "
                     "candidate's value at one entry, at the true base's "
                     "witness; for the tested entries the search did not open "
@@ -155,10 +158,15 @@ def define_flags():
                     "explains that base.")
 
 
-def _stack(n: int):
-  return frontier.scenario_stack(
-      f"{FLAGS.scenario}_bf16", n, dim=FLAGS.dim, rank=FLAGS.rank,
-      layers=FLAGS.layers, shared=0.0, minilm_dir=FLAGS.minilm_dir)
+def scenario_stack(n: int, dtype: str):
+  """``(W_true [L, d, k], W_primes [L, n, d, k])`` of ``--scenario`` in
+  ``dtype``: synthetic (:func:`detune_jax.synthetic.lora_stack`, seed 0) or
+  the real fine-tunes."""
+  if FLAGS.scenario == "minilm":
+    return model_stacks.folder_stack(FLAGS.minilm_dir, n, dtype=dtype)
+  W, Wp = lora_stack(0, FLAGS.dim, FLAGS.dim, n, FLAGS.rank,
+                     layers=FLAGS.layers, dtype=dtype)
+  return np.asarray(W), np.asarray(Wp)
 
 
 # The grid step's settings with a row of ``auto`` per value: (the name of
@@ -191,88 +199,126 @@ def _row(name, n, W, W_true):
 
 
 def _search():
-  """explain_releases' search options from the flags (``--explain_relax``,
-  ``--explain_momentum``; ``consistency_search`` defines them too)."""
+  """explain_releases' search options from the flags."""
   return dict(relax=FLAGS.explain_relax, momentum=FLAGS.explain_momentum)
 
 
-def explain_changed(Wp, W, changes, rank, *, steps, start=None, chunk=32,
-                    search=None):
-  """``(explained, reproduced)`` arrays, one per change: whether
-  :func:`grid.explain_releases` (``steps`` projections, from the updates
-  ``start`` if given; its other options ``search``) explains ``W`` with one
-  change ``(flat entries, values)`` made, and the share of released values
-  reproduced; ``chunk`` bases a call."""
-  explained, reproduced = [], []
-  for c in range(0, len(changes), chunk):
-    batch = changes[c:c + chunk]
-    bases = np.repeat(np.ravel(W)[None], len(batch), 0)
-    for base, (idx, v) in zip(bases, batch):
-      base[idx] = v
-    g = len(batch)
-    ex = grid.explain_releases(
-        jnp.broadcast_to(Wp, (g,) + Wp.shape),
-        bases.reshape((g,) + np.shape(W)), rank, max_steps=steps,
-        start=None if start is None else np.broadcast_to(
-            start, (g,) + np.shape(start)), **(search or {}))
-    explained += np.ravel(ex.explained).tolist()
-    reproduced += np.ravel(ex.reproduced).tolist()
-  return np.asarray(explained, bool), np.asarray(reproduced)
+def _explain_row(name, n, Wp, W, truth, start):
+  """``(row, explanation)``: whether ``explain_releases`` (from the updates
+  ``start``, or from scratch) explains the base ``W`` on each layer."""
+  t0 = time.perf_counter()
+  ex = grid_diagnostics.explain_releases(
+      Wp, np.asarray(W, np.float32), FLAGS.rank,
+      max_steps=FLAGS.explain_steps, start=start, **_search())
+  explained = np.asarray(ex.explained).reshape(truth.shape[:-2])
+  same = np.asarray(grid.bit_exact_mask(np.asarray(W, np.float32), truth))
+  row = dict(method=f"explain_{name}", n=n,
+             explained_layers=int(np.sum(explained)),
+             layers=int(explained.size),
+             reproduced=float(np.mean(ex.reproduced)),
+             max_steps_taken=int(np.max(ex.steps)),
+             differ=float(np.mean(~same)),
+             seconds=time.perf_counter() - t0)
+  if not explained.all():
+    row["not_explained"] = {int(i): float(np.ravel(ex.reproduced)[i])
+                            for i in np.flatnonzero(~explained.ravel())}
+  print(f"{FLAGS.scenario} n={n} explain_{name:7s} every release "
+        f"reproduced on {row['explained_layers']}/{row['layers']} "
+        f"layers ({100 * row['reproduced']:.4f}% of the values; "
+        f"<= {row['max_steps_taken']} projections, "
+        f"{row['seconds']:.0f} s)", flush=True)
+  for i, frac in row.get("not_explained", {}).items():
+    print(f"  layer {i}: {100 * frac:.4f}% of its values reproduced after "
+          f"{FLAGS.explain_steps} projections", flush=True)
+  return row, ex
 
 
-def _swap_tests(Wp, truth, W, rank, start, *, group, steps, seed,
-                sample=0, chunk=32, search=None):
-  """``(open mask, tested mask, tests run)``: the entries of one layer
-  where ``W`` differs from ``truth`` and the true base with ``W``'s value
-  there is explained (with ``group - 1`` other such entries at first: a
-  group that is explained clears all of its entries, one that is not is
-  split in halves down to single entries); ``sample``: test at most that
-  many (0: all). ``start``: the true base's witness, or None."""
-  flat, values = truth.ravel(), W.ravel()
-  differ = np.flatnonzero(~np.asarray(grid.bit_exact_mask(W, truth)).ravel())
-  differ = np.random.default_rng(seed).permutation(differ)
-  if sample:
-    differ = differ[:sample]
-  pending = [differ[i:i + group] for i in range(0, differ.size, group)]
-  open_ = np.zeros(flat.size, bool)
+def _first_order_summary(margins, opened, seconds) -> dict:
+  """What the first-order test found, by whether the search opened the
+  entry (``margins``: NaN where the test did not run)."""
+  ran = ~np.isnan(margins)
+  closed = margins < 0
+  return dict(tested=int(ran.sum()),
+              open_closed=int(np.sum(ran & opened & closed)),
+              open_reachable=int(np.sum(ran & opened & ~closed)),
+              unopened_closed=int(np.sum(ran & ~opened & closed)),
+              unopened_reachable=int(np.sum(ran & ~opened & ~closed)),
+              unopened_margins=np.sort(margins[ran & ~opened]).tolist(),
+              seconds=seconds)
+
+
+def _swap_row(name, n, Wp, W, truth, found):
+  """``(row, opened)``: the swap tests of one candidate base ``W`` on each
+  layer it does not explain (and the true base does), and the entries
+  found open (the true base with ``W``'s value there is explained)."""
+  t0 = time.perf_counter()
+  W = np.asarray(W, np.float32).reshape((-1,) + truth.shape[-2:])
+  explained = np.asarray(found[name].explained).ravel()
+  witness = found["truth"].updates.reshape((-1,) + Wp.shape[-3:])
+  layers = np.asarray(truth, np.float32).reshape(W.shape)
+  releases = jnp.reshape(Wp, (-1,) + Wp.shape[-3:])
+  opened = np.zeros(W.shape, bool)
+  tested = np.zeros(W.shape, bool)
   tests = 0
-  while pending:
-    explained, _ = explain_changed(
-        Wp, truth, [(idx, values[idx]) for idx in pending], rank,
-        steps=steps, start=start, chunk=chunk, search=search)
-    tests += len(pending)
-    split = []
-    for idx, ok in zip(pending, explained):
-      if ok:
-        open_[idx] = True
-      elif idx.size > 1:
-        split += [idx[:idx.size // 2], idx[idx.size // 2:]]
-    pending = split
-  tested = np.zeros(flat.size, bool)
-  tested[differ] = True
-  return open_.reshape(truth.shape), tested.reshape(truth.shape), tests
+  lp_seconds = 0.0
+  # Smallest first-order margin of each entry's swap (NaN: not run).
+  margins = np.full(W.shape, np.nan)
+  # Where the search did not explain the true base either, swaps started
+  # from its incomplete witness would only fail: skipped.
+  truth_explained = np.asarray(found["truth"].explained).ravel()
+  skipped = int(np.sum(~explained & ~truth_explained))
+  for i in np.flatnonzero(~explained & truth_explained):
+    opened[i], tested[i], t = identifiability.swap_tests(
+        releases[i], layers[i], W[i], FLAGS.rank, witness[i],
+        group=FLAGS.swap_group, steps=FLAGS.swap_steps, seed=i,
+        sample=FLAGS.swap_sample, search=_search())
+    tests += t
+    if FLAGS.swap_first_order != "none":
+      todo = tested[i] if FLAGS.swap_first_order == "all" else (
+          tested[i] & ~opened[i])
+      entries = np.flatnonzero(todo)
+      lp_start = time.perf_counter()
+      margins[i].flat[entries] = identifiability.first_order_margins(
+          releases[i], layers[i], W[i], FLAGS.rank, witness[i], entries)
+      lp_seconds += time.perf_counter() - lp_start
+  differ = ~np.asarray(grid.bit_exact_mask(W, layers))
+  differ &= (~explained & truth_explained)[:, None, None]
+  row = dict(method=f"swaps_{name}", n=n, differ=float(np.mean(differ)),
+             tested=int(tested.sum()), open=float(np.mean(opened)),
+             open_of_tested=float(opened.sum() / max(tested.sum(), 1)),
+             tests=tests, skipped_layers=skipped,
+             seconds=time.perf_counter() - t0)
+  if FLAGS.swap_first_order != "none":
+    row["first_order"] = _first_order_summary(margins, opened, lp_seconds)
+  _print_swap_row(row, name, n, int(differ.sum()), int(opened.sum()))
+  return row, opened
 
 
-def _first_order(Wp, truth, W, rank, witness, entries):
-  """The smallest :func:`grid.first_order_margin` over the releases of the
-  true base with ``W``'s value at each of ``entries`` (flat indices), at
-  the true base's witness."""
-  out = np.zeros(len(entries))
-  for j, e in enumerate(entries):
-    base = truth.ravel().copy()
-    base[e] = W.ravel()[e]
-    out[j] = grid.first_order_margin(Wp, base.reshape(truth.shape), witness,
-                                     rank).min()
-  return out
-
-
-def _moved(Wp, M, truth):
-  """The true base with each entry that the true updates ``M`` leave open
-  (another grid point in its intersection) moved to that grid point."""
-  lo, hi = grid.rounding_interval(jnp.asarray(Wp))
-  moved, _ = grid.open_neighbours(lo, hi, jnp.asarray(M, jnp.float32),
-                                  jnp.asarray(truth))
-  return np.asarray(moved)
+def _print_swap_row(r, name, n, differ, opened) -> None:
+  if not differ and not r["skipped_layers"]:
+    print(f"{FLAGS.scenario} n={n} swaps_{name:8s} nothing to test (it is "
+          f"explained wherever the true base is)", flush=True)
+    return
+  skipped = r["skipped_layers"]
+  print(f"{FLAGS.scenario} n={n} swaps_{name:8s} it differs from the "
+        f"true base at {differ} entries (on layers it does not "
+        f"explain); of the {r['tested']} tested, {opened} "
+        f"({100 * r['open_of_tested']:.1f}%) are open: the true base with "
+        f"that value is explained "
+        f"({r['tests']} tests, {r['seconds']:.0f} s)"
+        + (f"; {skipped} layers skipped (the true base not explained "
+           "there either)" if skipped else ""), flush=True)
+  if "first_order" in r:
+    f = r["first_order"]
+    unopened = f["unopened_closed"] + f["unopened_reachable"]
+    shown = f["open_closed"] + f["open_reachable"]
+    print(f"{FLAGS.scenario} n={n} swaps_{name:8s} first order: of the "
+          f"{unopened} tested entries not shown open, "
+          f"{f['unopened_closed']} are closed (LP margin < 0 on some "
+          f"release, the true base elsewhere) and "
+          f"{f['unopened_reachable']} reachable"
+          + (f"; of the {shown} shown open, {f['open_closed']} closed"
+             if shown else ""), flush=True)
 
 
 def _explain_rows(rows, n, Wp, W_true, candidates, M_true=None) -> None:
@@ -283,122 +329,28 @@ def _explain_rows(rows, n, Wp, W_true, candidates, M_true=None) -> None:
   With ``M_true`` (``--explain_swaps``), also the explained bases next to
   the true one (``explain_moved``, ``swaps_<name>``)."""
   truth = np.asarray(W_true)
-  truth32 = np.asarray(W_true, np.float32)
   agree = np.ones(truth.shape, bool)
   candidates = [("truth", W_true)] + candidates
   if M_true is not None:
-    candidates.append(("moved", _moved(Wp, M_true, W_true)))
+    candidates.append(("moved",
+                       identifiability.moved_base(Wp, M_true, W_true)))
   found = {}
   for name, W in candidates:
     if W is None:
       continue
-    start = time.perf_counter()
-    ex = grid.explain_releases(
-        Wp, np.asarray(W, np.float32), FLAGS.rank,
-        max_steps=FLAGS.explain_steps,
-        start=found["truth"].updates if name == "moved" else None,
-        **_search())
-    found[name] = ex
-    explained = np.asarray(ex.explained).reshape(truth.shape[:-2])
+    row, found[name] = _explain_row(
+        name, n, Wp, W, truth,
+        start=found["truth"].updates if name == "moved" else None)
+    explained = np.asarray(found[name].explained).reshape(truth.shape[:-2])
     same = np.asarray(grid.bit_exact_mask(np.asarray(W, np.float32), truth))
     agree &= same | ~explained[..., None, None]
-    row = dict(method=f"explain_{name}", n=n,
-               explained_layers=int(np.sum(explained)),
-               layers=int(explained.size),
-               reproduced=float(np.mean(ex.reproduced)),
-               max_steps_taken=int(np.max(ex.steps)),
-               differ=float(np.mean(~same)),
-               seconds=time.perf_counter() - start)
-    if not explained.all():
-      row["not_explained"] = {int(i): float(np.ravel(ex.reproduced)[i])
-                              for i in np.flatnonzero(~explained.ravel())}
     rows.append(row)
-    print(f"{FLAGS.scenario} n={n} explain_{name:7s} every release "
-          f"reproduced on {row['explained_layers']}/{row['layers']} "
-          f"layers ({100 * row['reproduced']:.4f}% of the values; "
-          f"<= {row['max_steps_taken']} projections, "
-          f"{row['seconds']:.0f} s)", flush=True)
-    for i, frac in row.get("not_explained", {}).items():
-      print(f"  layer {i}: {100 * frac:.4f}% of its values reproduced after "
-            f"{FLAGS.explain_steps} projections", flush=True)
   for name, W in candidates:
     if M_true is None or name not in FLAGS.swaps_of or W is None:
       continue
-    start = time.perf_counter()
-    W = np.asarray(W, np.float32).reshape((-1,) + truth.shape[-2:])
-    explained = np.asarray(found[name].explained).ravel()
-    witness = found["truth"].updates.reshape((-1,) + Wp.shape[-3:])
-    layers = truth32.reshape(W.shape)
-    releases = jnp.reshape(Wp, (-1,) + Wp.shape[-3:])
-    opened = np.zeros(W.shape, bool)
-    tested = np.zeros(W.shape, bool)
-    tests = 0
-    lp_seconds = 0.0
-    # Smallest first-order margin of each entry's swap (NaN: not run).
-    margins = np.full(W.shape, np.nan)
-    # Where the search did not explain the true base either, swaps started
-    # from its incomplete witness would only fail: skipped.
-    truth_explained = np.asarray(found["truth"].explained).ravel()
-    skipped = int(np.sum(~explained & ~truth_explained))
-    for i in np.flatnonzero(~explained & truth_explained):
-      opened[i], tested[i], t = _swap_tests(
-          releases[i], layers[i], W[i], FLAGS.rank, witness[i],
-          group=FLAGS.swap_group, steps=FLAGS.swap_steps, seed=i,
-          sample=FLAGS.swap_sample, search=_search())
-      tests += t
-      if FLAGS.swap_first_order != "none":
-        todo = tested[i] if FLAGS.swap_first_order == "all" else (
-            tested[i] & ~opened[i])
-        entries = np.flatnonzero(todo)
-        lp_start = time.perf_counter()
-        margins[i].flat[entries] = _first_order(
-            releases[i], layers[i], W[i], FLAGS.rank, witness[i], entries)
-        lp_seconds += time.perf_counter() - lp_start
-    differ = ~np.asarray(grid.bit_exact_mask(W, layers))
-    differ &= (~explained & truth_explained)[:, None, None]
+    row, opened = _swap_row(name, n, Wp, W, truth, found)
     agree &= ~opened.reshape(truth.shape)
-    rows.append(dict(method=f"swaps_{name}", n=n,
-                     differ=float(np.mean(differ)),
-                     tested=int(tested.sum()),
-                     open=float(np.mean(opened)),
-                     open_of_tested=float(opened.sum() / max(tested.sum(), 1)),
-                     tests=tests, skipped_layers=skipped,
-                     seconds=time.perf_counter() - start))
-    r = rows[-1]
-    if FLAGS.swap_first_order != "none":
-      ran = ~np.isnan(margins)
-      closed = margins < 0
-      r["first_order"] = dict(
-          tested=int(ran.sum()),
-          open_closed=int(np.sum(ran & opened & closed)),
-          open_reachable=int(np.sum(ran & opened & ~closed)),
-          unopened_closed=int(np.sum(ran & ~opened & closed)),
-          unopened_reachable=int(np.sum(ran & ~opened & ~closed)),
-          unopened_margins=np.sort(margins[ran & ~opened]).tolist(),
-          seconds=lp_seconds)
-    if not differ.any() and not skipped:
-      print(f"{FLAGS.scenario} n={n} swaps_{name:8s} nothing to test (it is "
-            f"explained wherever the true base is)", flush=True)
-      continue
-    print(f"{FLAGS.scenario} n={n} swaps_{name:8s} it differs from the "
-          f"true base at {differ.sum()} entries (on layers it does not "
-          f"explain); of the {tested.sum()} tested, {opened.sum()} "
-          f"({100 * r['open_of_tested']:.1f}%) are open: the true base with "
-          f"that value is explained "
-          f"({tests} tests, {r['seconds']:.0f} s)"
-          + (f"; {skipped} layers skipped (the true base not explained "
-             "there either)" if skipped else ""), flush=True)
-    if "first_order" in r:
-      f = r["first_order"]
-      unopened = f["unopened_closed"] + f["unopened_reachable"]
-      shown = f["open_closed"] + f["open_reachable"]
-      print(f"{FLAGS.scenario} n={n} swaps_{name:8s} first order: of the "
-            f"{unopened} tested entries not shown open, "
-            f"{f['unopened_closed']} are closed (LP margin < 0 on some "
-            f"release, the true base elsewhere) and "
-            f"{f['unopened_reachable']} reachable"
-            + (f"; of the {shown} shown open, {f['open_closed']} closed"
-               if shown else ""), flush=True)
+    rows.append(row)
   rows.append(dict(method="identifiable_bound", n=n,
                    bit_exact=float(np.mean(agree))))
   print(f"{FLAGS.scenario} n={n} identifiable_bound  at most "
@@ -411,7 +363,7 @@ def main(argv: Sequence[str]) -> None:
   del argv
   rows = []
   for n in (int(x) for x in FLAGS.ns):
-    W_true, Wp = _stack(n)
+    W_true, Wp = scenario_stack(n, "bfloat16")
     Wp = jnp.asarray(Wp)
     raw, _ = registry.solve(Wp, FLAGS.rank, solver="closed_form",
                             dtype_aware=False)
@@ -429,10 +381,8 @@ def main(argv: Sequence[str]) -> None:
     oracle, _ = dj.grid_refine(Wp, jnp.asarray(W_true, jnp.float32),
                                FLAGS.rank, steps=FLAGS.grid_steps)
     # The true updates: the float32 merges of the same stack, less the base.
-    Wf, Wpf = frontier.scenario_stack(
-        FLAGS.scenario, n, dim=FLAGS.dim, rank=FLAGS.rank,
-        layers=FLAGS.layers, shared=0.0, minilm_dir=FLAGS.minilm_dir)
-    determined, mid = grid.determined_fraction(
+    Wf, Wpf = scenario_stack(n, "float32")
+    determined, mid = grid_diagnostics.determined_fraction(
         Wp, np.asarray(Wpf) - np.asarray(Wf)[..., None, :, :], W_true)
     for name, W, sec in ([("closed_form", raw, None)] + autos
                          + [("oracle", oracle, None)]):

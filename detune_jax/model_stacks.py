@@ -1,84 +1,34 @@
-"""Layer stacks for the few-fine-tunes experiments (frontier, audit).
+"""Layer stacks of fine-tuned models on disk, opened as recover opens them.
 
-Synthetic LoRA stacks (Gaussian, or with factors that share directions) and
-real ones read from models on disk with the reader and checks of
-``experiments.recover`` (:class:`detune_jax.io.ModelFiles`: single files or
-HF directories, sharded ones too; pickle checkpoints are refused by name and
-never unpickled; bad input raises :class:`detune_jax.io.BadInputError`).
+The audit, the benchmarks and the studies score a solver against a known
+base: they need every fine-tuned layer of the models and of the base, as
+``[L, n, d, k]`` stacks grouped by matrix shape. The models are read and
+checked by the reader of ``python -m experiments.recover``
+(:class:`detune_jax.io.ModelFiles` through :func:`detune_jax.pipeline.scan`:
+single files or HF directories, sharded ones too; pickle checkpoints are
+refused by name and never unpickled; bad input raises
+:class:`detune_jax.io.BadInputError`).
 """
 
 from __future__ import annotations
 
+import glob
+import os
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-import jax
-import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from detune_jax import pipeline
 from detune_jax.io.errors import BadInputError
 from detune_jax.io.models import ModelFiles
+from detune_jax.synthetic import release
 
-NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
-             "float16": np.float16}
-
-
-def synthetic_stack(seed: int, d: int, k: int, n: int, rank: int, *,
-                    shared: float = 0.0, scale: float = 0.02,
-                    dtype: str = "float32"):
-  """A base ``W`` and ``n`` merged LoRA fine-tunes ``W + B_i A_i``.
-
-  Args:
-    seed: PRNG seed.
-    d, k, n, rank: layer shape, number of fine-tunes, LoRA rank.
-    shared: in ``[0, 1)``: each factor is ``sqrt(shared) * common +
-      sqrt(1 - shared) * own`` (correlated fine-tunes: the LoRAs' column and
-      row spaces share directions, as fine-tunes on similar data do).
-    scale: standard deviation of the entries of ``W``, ``B_i`` and ``A_i``.
-    dtype: release dtype (``"bfloat16"``: the base is on the bf16 grid too
-      and the merge is rounded to bf16).
-
-  Returns:
-    ``(W [d, k], W_primes [n, d, k])`` as numpy arrays of ``dtype``.
-  """
-  kw, kb, ka, kcb, kca = jax.random.split(jax.random.key(seed), 5)
-  W = np.asarray(jax.random.normal(kw, (d, k))) * scale
-  B = np.asarray(jax.random.normal(kb, (n, d, rank)))
-  A = np.asarray(jax.random.normal(ka, (n, rank, k)))
-  if shared:
-    B = np.sqrt(shared) * np.asarray(jax.random.normal(kcb, (1, d, rank))) + \
-        np.sqrt(1 - shared) * B
-    A = np.sqrt(shared) * np.asarray(jax.random.normal(kca, (1, rank, k))) + \
-        np.sqrt(1 - shared) * A
-  M = (B * scale) @ (A * scale)
-  return release(W.astype(np.float32), (W[None] + M).astype(np.float32), dtype)
+__all__ = ["OpenedModels", "open_models", "layer_stacks", "folder_models",
+           "folder_stack"]
 
 
-def release(W, W_primes, dtype: str, rebase: bool = True):
-  """Casts a float32 base and fine-tunes to a release dtype.
-
-  With ``rebase`` (fine-tunes made from the base as released): the base of
-  a low-precision release is itself on that dtype's grid, and the
-  fine-tunes are ``round(W + M_i)`` with ``M_i = W'_i - W`` from float32.
-  Without: each is rounded on its own (``round(W)``, ``round(W'_i)``), as
-  saving float32 fine-tunes of a float32 base in that dtype does.
-  """
-  W = np.asarray(W, np.float32)
-  W_primes = np.asarray(W_primes, np.float32)
-  if dtype == "float32":
-    return W, W_primes
-  dt = NP_DTYPES[dtype]
-  if not rebase:
-    return W.astype(dt), W_primes.astype(dt)
-  M = W_primes - W[None]
-  W_low = W.astype(dt)
-  W_primes_low = (W_low.astype(np.float32)[None] + M).astype(dt)
-  return W_low, W_primes_low
-
-
-class RealModels(NamedTuple):
-  """Fine-tuned models opened and checked as ``experiments.recover`` does.
+class OpenedModels(NamedTuple):
+  """Fine-tuned models opened and checked as recover opens them.
 
   Attributes:
     models: the fine-tunes (:class:`detune_jax.io.ModelFiles`).
@@ -94,7 +44,7 @@ class RealModels(NamedTuple):
 
 
 def open_models(models: Sequence[str], base: Optional[str] = None,
-                rank: int = 1) -> RealModels:
+                rank: int = 1) -> OpenedModels:
   """Opens the models with recover's reader and checks, finds the LoRA layers.
 
   Uses :func:`detune_jax.pipeline.open_inputs` and
@@ -115,7 +65,7 @@ def open_models(models: Sequence[str], base: Optional[str] = None,
     rank: the LoRA rank that will be assumed for every layer.
 
   Returns:
-    A :class:`RealModels`.
+    An :class:`OpenedModels`.
 
   Raises:
     BadInputError: see above.
@@ -130,12 +80,14 @@ def open_models(models: Sequence[str], base: Optional[str] = None,
     raise BadInputError(inputs.models[0].path, f"no fine-tuned layer: no "
                         f"float tensor of 2+ axes differs among the "
                         f"{len(inputs.models)} models")
-  return RealModels(list(inputs.models), inputs.ground_truth, names)
+  return OpenedModels(list(inputs.models), inputs.ground_truth, names)
 
 
-def real_stacks(base: str, models: Sequence[str], dtype: str = "float32",
-                rank: int = 1, rebase: bool = True):
-  """Fine-tuned layers of real models, grouped by matrix shape.
+def layer_stacks(base: str, models: Sequence[str], dtype: str = "float32",
+                 rank: int = 1, rebase: bool = True
+                 ) -> Dict[Tuple[int, int], Tuple[List[str], np.ndarray,
+                                                  np.ndarray]]:
+  """Fine-tuned layers of models on disk, grouped by matrix shape.
 
   The models and the base are opened and checked by :func:`open_models`
   (bad input raises :class:`BadInputError` naming the file and tensor).
@@ -146,15 +98,16 @@ def real_stacks(base: str, models: Sequence[str], dtype: str = "float32",
     base: the ground-truth base model.
     models: the fine-tuned models.
     dtype: ``"stored"`` (the files' dtype), ``"float32"``, or a release
-      dtype (``"bfloat16"``: base and fine-tunes rounded as a bf16 release).
+      dtype (``"bfloat16"``: base and fine-tunes rounded as a bf16 release,
+      :func:`detune_jax.synthetic.release`).
     rank: the LoRA rank that will be assumed (a layer too small for it is
       bad input).
-    rebase: for a release dtype, :func:`release`'s ``rebase``.
+    rebase: for a release dtype, :func:`~detune_jax.synthetic.release`'s
+      ``rebase``.
 
   Returns:
-    ``{(d, k): (names, W_true [L, d, k], W_primes [L, n, d, k])}``.
+    ``{(d, k): (names, W_true [L, d, k], W_primes [L, n, d, k])}`` (numpy).
   """
-  # The LoRA layers, each in every model and in the base (scan checks it).
   opened = open_models(models, base, rank)
   fts, true_model = opened.models, opened.base
   groups: Dict[Tuple[int, int], list] = {}
@@ -176,3 +129,40 @@ def real_stacks(base: str, models: Sequence[str], dtype: str = "float32",
                           rebase) for t, p in zip(true, ft)])
     out[shape] = (group, np.stack(W), np.stack(Wp))
   return out
+
+
+def folder_models(root: str, n: int) -> Tuple[str, List[str]]:
+  """``(base, the first n fine-tunes)`` of a folder holding ``base/`` and
+  fine-tunes ``ft*`` (as ``python -m experiments.build_minilm_finetunes``
+  writes them), in name order.
+
+  Raises:
+    FileNotFoundError: fewer than ``n`` fine-tunes in ``root`` (the message
+      names the command that builds them).
+  """
+  root = os.path.expanduser(root)
+  models = sorted(glob.glob(os.path.join(root, "ft*")))
+  if len(models) < n:
+    raise FileNotFoundError(
+        f"{len(models)} fine-tunes in {root}, need {n}: run "
+        "python -m experiments.build_minilm_finetunes")
+  return os.path.join(root, "base"), models[:n]
+
+
+def folder_stack(root: str, n: int, dtype: str = "float32",
+                 rebase: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+  """``(W_true [L, d, k], W_primes [L, n, d, k])``: every fine-tuned layer
+  of the first ``n`` fine-tunes of :func:`folder_models` ``(root)``, all of
+  one shape (as the attention layers of all-MiniLM-L6-v2 are), read by
+  :func:`layer_stacks` (``dtype``, ``rebase``: its own).
+
+  Raises:
+    FileNotFoundError: see :func:`folder_models`.
+    ValueError: the layers have more than one shape.
+  """
+  base, models = folder_models(root, n)
+  groups = layer_stacks(base, models, dtype=dtype, rebase=rebase)
+  if len(groups) != 1:
+    raise ValueError(f"expected one layer shape, got {list(groups)}")
+  (_, W, Wp), = groups.values()
+  return W, Wp

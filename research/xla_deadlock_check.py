@@ -8,7 +8,7 @@ layer is now solved without vmap, so two such layers here) ``--runs`` times
 in fresh processes with the scheduler on and off and prints the number of runs
 that did not finish within ``--timeout`` seconds.
 
-  python -m experiments.xla_deadlock_check --runs=10
+  python -m research.xla_deadlock_check --runs=10
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ flags.DEFINE_integer("timeout", 40, "Seconds after which a run counts as hung.")
 
 _CHILD = """
 import jax, detune_jax as dj
-from experiments import bench_solver as b
-W, Wp = b.make_stack(0, 2, 5, 640, 768, 32)
+from detune_jax.synthetic import lora_stack
+W, Wp = lora_stack(0, 640, 768, n=5, rank=32, layers=2)
 jax.block_until_ready(dj.spectral_detuning(Wp, 32, steps=10, refine=1))
 """
 

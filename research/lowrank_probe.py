@@ -31,7 +31,7 @@ rounding interval's squared width), and how many of ``auto``'s wrong
 entries it gets wrong too. An evaluation tool: it needs the true base.
 Results: docs/results.md, "Low ranks: where the grid step stops".
 
-  python -m experiments.lowrank_probe --dim=96 --rank=4 --layers=2
+  python -m research.lowrank_probe --dim=96 --rank=4 --layers=2
 """
 
 from __future__ import annotations
@@ -49,14 +49,15 @@ import optax
 
 import detune_jax as dj
 from detune_jax.solvers import grid
+from detune_jax.solvers import grid_diagnostics
 from detune_jax.solvers import registry
-from experiments import frontier
+from detune_jax.synthetic import lora_stack
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("n", 3, "Number of fine-tunes.")
 flags.DEFINE_integer("dim", 96, "Synthetic layer size.")
 flags.DEFINE_integer("rank", 4, "LoRA rank.")
-flags.DEFINE_integer("layers", 2, "Synthetic layers (seeds).")
+flags.DEFINE_integer("layers", 2, "Synthetic layers.")
 flags.DEFINE_integer("fit_steps", 3000, "L-BFGS steps of the continuous "
                      "and the weighted fits.")
 flags.DEFINE_float("perturb", 0.025, "Share of the true base's entries "
@@ -159,11 +160,10 @@ def _share(W, W_true) -> float:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  kw = dict(dim=FLAGS.dim, rank=FLAGS.rank, layers=FLAGS.layers, shared=0.0,
-            minilm_dir="")
-  W_true, Wp = frontier.scenario_stack("gaussian_bf16", FLAGS.n, **kw)
-  Wf, Wpf = frontier.scenario_stack("gaussian", FLAGS.n, **kw)
-  Wp = jnp.asarray(Wp)
+  args = (0, FLAGS.dim, FLAGS.dim, FLAGS.n, FLAGS.rank)
+  W_true, Wp = lora_stack(*args, layers=FLAGS.layers, dtype="bfloat16")
+  Wf, Wpf = (np.asarray(x) for x in lora_stack(*args, layers=FLAGS.layers))
+  W_true = np.asarray(W_true)
   W_auto, _ = registry.solve(Wp, FLAGS.rank, solver="auto")
   W_auto = np.asarray(W_auto)
   W_cf, _ = registry.solve(Wp, FLAGS.rank, solver="closed_form",
@@ -171,7 +171,7 @@ def main(argv: Sequence[str]) -> None:
   rows = []
   for layer in range(W_true.shape[0]):
     truth = W_true[layer]
-    determined, _ = grid.determined_fraction(
+    determined, _ = grid_diagnostics.determined_fraction(
         Wp[layer], np.asarray(Wpf[layer]) - np.asarray(Wf[layer])[None],
         truth)
     starts = {"auto": W_auto[layer],

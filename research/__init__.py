@@ -1,0 +1,2 @@
+"""Studies: each answers one question; see research/README.md. Never
+imported by the library."""
