@@ -92,9 +92,7 @@ def grid_memory(n: int) -> dict:
   d = FLAGS.dim
   # grid_refine as the registry calls it, its other settings its defaults.
   step = jax.jit(lambda Wp, W0: grid.grid_refine(
-      Wp, W0, FLAGS.rank, steps=registry.GRID_STEPS,
-      restarts=registry.GRID_RESTARTS,
-      redecode_steps=registry.GRID_REDECODE_STEPS))
+      Wp, W0, FLAGS.rank, **grid.GridSettings().refine_options()))
   ma = step.lower(jax.ShapeDtypeStruct((n, d, d), jnp.bfloat16),
                   jax.ShapeDtypeStruct((d, d), jnp.float32)
                   ).compile().memory_analysis()

@@ -6,7 +6,7 @@ bit-exactly and the W-Error by:
 
 * ``closed_form`` rounded to the grid (no dtype-aware step);
 * ``auto``, the default (closed form, then :func:`detune_jax.grid_refine`
-  with ``registry.GRID_RESTARTS`` restarts); ``--grid_restarts=0,1`` adds a
+  with ``GridSettings().restarts`` restarts); ``--grid_restarts=0,1`` adds a
   row per other number of restarts (``auto+r0``), ``--grid_snap_from``,
   ``--grid_shrink``, ``--grid_redecode_steps`` and ``--grid_momentum`` rows
   for other settings of the grid step's annealing, narrowed box, re-reading
@@ -87,9 +87,9 @@ def define_flags():
   flags.DEFINE_integer("dim", 256, "Synthetic layer size.")
   flags.DEFINE_integer("rank", 16, "LoRA rank.")
   flags.DEFINE_integer("layers", 2, "Synthetic layers.")
-  flags.DEFINE_integer("grid_steps", registry.GRID_STEPS, "Alternations of "
+  flags.DEFINE_integer("grid_steps", grid.GridSettings().steps, "Alternations of "
                        "grid_refine per round.")
-  flags.DEFINE_list("grid_restarts", [str(registry.GRID_RESTARTS)],
+  flags.DEFINE_list("grid_restarts", [str(grid.GridSettings().restarts)],
                     "Restarts of grid_refine for the auto rows: one row per "
                     "value; the default's row is 'auto', others 'auto+rN'.")
   flags.DEFINE_list("grid_snap_from", [str(grid.SNAP_FROM)],
@@ -100,7 +100,7 @@ def define_flags():
   flags.DEFINE_list("grid_shrink", [str(grid.SHRINK)],
                     "grid_refine's shrink for the auto rows (0: the full box), "
                     "as --grid_snap_from; rows e.g. 'auto+shrink0'.")
-  flags.DEFINE_list("grid_redecode_steps", [str(registry.GRID_REDECODE_STEPS)],
+  flags.DEFINE_list("grid_redecode_steps", [str(grid.GridSettings().redecode_steps)],
                     "grid_refine's redecode_steps for the auto rows (0: no "
                     "re-reading of the entries in doubt), as --grid_snap_from; "
                     "rows e.g. "
@@ -170,12 +170,12 @@ def scenario_stack(n: int, dtype: str):
 
 
 # The grid step's settings with a row of ``auto`` per value: (the name of
-# the flag and registry option ``grid_<name>``, its type, its default, the
+# the flag and ``GridSettings`` field (flag ``grid_<name>``), its type, its default, the
 # row-name suffix off the default).
-_GRID_ROWS = (("restarts", int, registry.GRID_RESTARTS, "r"),
+_GRID_ROWS = (("restarts", int, grid.GridSettings().restarts, "r"),
               ("snap_from", float, grid.SNAP_FROM, "snap"),
               ("shrink", float, grid.SHRINK, "shrink"),
-              ("redecode_steps", int, registry.GRID_REDECODE_STEPS,
+              ("redecode_steps", int, grid.GridSettings().redecode_steps,
                "redecode"),
               ("momentum", float, grid.MOMENTUM, "mom"),
               ("free_steps", int, grid.FREE_STEPS, "free"))
@@ -374,8 +374,8 @@ def main(argv: Sequence[str]) -> None:
       settings = dict(zip((row[0] for row in _GRID_ROWS), values))
       start = time.perf_counter()
       W_a, _ = registry.solve(Wp, FLAGS.rank, solver="auto",
-                              grid_steps=FLAGS.grid_steps,
-                              **{"grid_" + k: v for k, v in settings.items()})
+                              grid=grid.GridSettings(steps=FLAGS.grid_steps,
+                                                     **settings))
       W_a = np.asarray(W_a)
       autos.append((_auto_name(settings), W_a, time.perf_counter() - start))
     oracle, _ = dj.grid_refine(Wp, jnp.asarray(W_true, jnp.float32),

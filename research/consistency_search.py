@@ -81,7 +81,7 @@ def define_flags():
   flags.DEFINE_bool("first_order", False, "Also the first-order test of "
                     "each of auto's wrong entries (an LP per release and "
                     "entry).")
-  flags.DEFINE_integer("grid_redecode_steps", registry.GRID_REDECODE_STEPS,
+  flags.DEFINE_integer("grid_redecode_steps", grid.GridSettings().redecode_steps,
                        "auto's grid_redecode_steps (0: the grid step without "
                        "re-reading the entries in doubt).")
   flags.DEFINE_float("grid_momentum", grid.MOMENTUM, "auto's grid_momentum "
@@ -105,8 +105,9 @@ def main(argv: Sequence[str]) -> None:
     Wp = jnp.asarray(releases[layer])
     truth = np.asarray(jnp.asarray(truths[layer], jnp.float32))
     W_a, _ = registry.solve(Wp, FLAGS.rank, solver="auto",
-                            grid_redecode_steps=FLAGS.grid_redecode_steps,
-                            grid_momentum=FLAGS.grid_momentum)
+                            grid=grid.GridSettings(
+                                redecode_steps=FLAGS.grid_redecode_steps,
+                                momentum=FLAGS.grid_momentum))
     W_a = np.asarray(W_a, np.float32)
     start = time.perf_counter()
     W_s, info = identifiability.consistency_search(

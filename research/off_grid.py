@@ -13,7 +13,7 @@ number of fine-tunes:
   the intersection of the rounding intervals
   (``GridDiagnostics.consistent_fraction``; smallest and largest over the
   layers), the figure ``auto`` compares with
-  ``registry.GRID_MIN_CONSISTENT`` to keep or skip the step per layer;
+  ``GridSettings().min_consistent`` to keep or skip the step per layer;
 * the W-Error and bit-exact share of the estimate before the grid step
   (``auto`` with ``dtype_aware=False``), after it, and of ``auto`` itself.
   W-Errors are against the base the fine-tunes were made from (the grid
@@ -91,13 +91,11 @@ def measure(W_primes, rank: int, target, released):
   Wp = jnp.asarray(W_primes)
   before, _ = registry.solve(Wp, rank, solver="auto", dtype_aware=False)
   after, gdiag = grid.grid_refine(
-      Wp, before, rank, steps=registry.GRID_STEPS,
-      restarts=registry.GRID_RESTARTS,
-      redecode_steps=registry.GRID_REDECODE_STEPS)
+      Wp, before, rank, **grid.GridSettings().refine_options())
   auto, _ = registry.solve(Wp, rank, solver="auto")
   frac = np.asarray(gdiag.consistent_fraction)
   row = dict(consistent_min=float(frac.min()), consistent_max=float(frac.max()),
-             kept_layers=int(np.sum(frac >= registry.GRID_MIN_CONSISTENT)),
+             kept_layers=int(np.sum(frac >= grid.GridSettings().min_consistent)),
              layers=int(frac.size))
   for name, W in (("before", before), ("after", after), ("auto", auto)):
     row[f"{name}_w_error"] = float(dj.w_error(jnp.asarray(W, jnp.float32),

@@ -34,8 +34,9 @@ def test_search_finds_an_explained_base_with_more_weights_right():
   # and gets more weights right (98.05% -> 98.93%).
   Wp, truth = _layer(32, 1, 7)
   W_a = np.asarray(registry.solve(Wp, 1, solver="auto",
-                                  grid_redecode_steps=0,
-                                  grid_momentum=0.0)[0], np.float32)
+                                  grid=grid.GridSettings(redecode_steps=0,
+                                                         momentum=0.0))[0],
+                   np.float32)
   found, info = identifiability.consistency_search(
       Wp, W_a, 1, rounds=30, accept=10, score_steps=1000,
       explain_steps=32000)
