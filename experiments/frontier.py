@@ -14,11 +14,13 @@ n >= 3), the closed form refined by spectral_detuning, and the default
 
 Usage:
 
-  python -m experiments.frontier --out=docs/results/frontier \
+  python -m experiments.frontier --out=frontier \
       --scenarios=gaussian,correlated,gaussian_bf16,minilm,minilm_bf16
 
-Writes ``frontier.json``, ``frontier.md`` (the tables of docs/results.md) and
-one plot per scenario.
+Writes ``frontier.json``, ``frontier.md`` (one table per scenario) and one
+plot per scenario to ``--out``. The runs behind docs/results.md ("Few
+fine-tunes", "Low-precision releases and bit-exact weights") are its
+commands there, each with its own ``--out`` under docs/results/.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """Flags of the binary (defined on run, so that imports never clash)."""
-  flags.DEFINE_string("out", "docs/results/frontier", "Output directory.")
+  flags.DEFINE_string("out", "frontier", "Output directory.")
   flags.DEFINE_list("scenarios", ["gaussian", "correlated", "gaussian_bf16",
                                   "minilm", "minilm_bf16"], "Scenarios to run.")
   flags.DEFINE_list("ns", ["2", "3", "4", "5", "6", "8"], "Numbers of fine-tunes.")

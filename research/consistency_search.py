@@ -3,11 +3,11 @@ r"""Does a base more consistent with the releases get more weights right?
 At low ranks ``auto``'s bf16 output is not explained by the releases as a
 whole (:func:`detune_jax.explain_releases` finds no rank-``r`` updates with
 which it reproduces every released value), and a few of its wrong entries
-are closed to first order (docs/results.md, "Low ranks"): the releases may
-determine them. Any base that *is* explained as a whole equals the true one
-at every determined entry. This experiment asks whether searching toward
-such a base, from ``auto``'s output and reading only the releases, gets
-those entries (and others) right.
+are closed to first order (docs/results.md, "What the releases determine"):
+the releases may determine them. Any base that *is* explained as a whole
+equals the true one at every determined entry. This experiment asks whether
+searching toward such a base, from ``auto``'s output and reading only the
+releases, gets those entries (and others) right.
 
 The search (:func:`research.identifiability.consistency_search`) is greedy
 over single grid steps. The score of a base is the
@@ -36,7 +36,7 @@ base's witness) and says how many of those closed to first order (margin
 < 0 on some release) the search put right. An evaluation tool: it needs
 the true base. It is slow (each score is a search over the whole layer),
 so it is a measurement, not a method.
-Results: docs/results.md, "Low ranks: searching for a consistent base".
+Results: docs/results.md, "Why low ranks are harder".
 
   python -m research.consistency_search --dim=64 --rank=2 --layers=2 \
       --first_order

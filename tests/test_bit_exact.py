@@ -54,8 +54,7 @@ def test_bit_exact_binary_with_explain(tmp_path):
 def test_lowrank_probe_binary(tmp_path):
   """At low rank (r = d/32) the grid step loses weights even from the true
   base, where a converged continuous fit keeps them; auto's errors sit at
-  small weights (docs/results.md, "Low ranks: where the grid step
-  stops")."""
+  small weights (docs/results.md, "Why low ranks are harder")."""
   out = tmp_path / "probe.json"
   proc = subprocess.run(
       [sys.executable, "-m", "research.lowrank_probe", "--dim=64",

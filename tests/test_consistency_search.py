@@ -1,6 +1,6 @@
 """research.consistency_search: a greedy search from auto's output
-toward a base the releases explain as a whole (docs/results.md, "Low ranks:
-searching for a consistent base")."""
+toward a base the releases explain as a whole (docs/results.md, "Why low
+ranks are harder")."""
 
 import json
 import os

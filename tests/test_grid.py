@@ -100,7 +100,9 @@ def _mean_bit_exact(**options):
 # measured before the momentum (momentum 0), bit-exact shares on the three
 # stacks (seeds 0, 1, 2):
 #   free projections (free_steps 0 -> 60): 95.98/96.21/96.17% ->
-#     96.25/96.64/96.52% (on real MiniLM fine-tunes, n=3: 96.4% -> 96.6%);
+#     96.25/96.64/96.52% (on real MiniLM fine-tunes, n=3: 96.4% -> 96.6%,
+#     a one-off in ``git show 328b8e0:docs/results.md``, "Bit-exact weights
+#     of bf16 releases");
 #   one restart: -> 96.37/97.06/96.73%;
 #   annealed snapping (snap_from 0.5 -> 0.2): 95.22/95.31/95.81% ->
 #     96.25/96.64/96.52%;
@@ -111,7 +113,7 @@ def _mean_bit_exact(**options):
 # projections and the narrowed box do not on these stacks (97.35% without
 # the one or the other, 97.34% with both) and are kept: with momentum each
 # still gains 0.03 points on the real fine-tunes (97.41% -> 97.44%;
-# docs/results.md, "Re-measured with momentum, ...").
+# docs/results.md, "The grid step's settings").
 # Each threshold is under half the measured mean gain.
 FREE_GAIN = 0.0015
 RESTART_GAIN = 0.001

@@ -86,7 +86,7 @@ def test_explain_momentum_finds_witnesses_sooner():
 
 
 def test_grid_step_output_is_explained_by_the_releases():
-  # What `experiments.bit_exact --explain` measures on the MiniLM
+  # What `research.bit_exact --explain` measures on the MiniLM
   # fine-tunes: the entries the grid step gets wrong are not determined by
   # the releases (they are exactly consistent with its output too).
   W, W_primes = bf16_stack(4, 96, 80, n=3, rank=8)

@@ -83,7 +83,7 @@ def layer_bytes(d: int, k: int, n: int, grid: bool = False) -> int:
   re-reading of the entries in doubt) beside its arguments, and the float32
   stack is held too (``python -m experiments.bench_closed_form
   --dtype=bfloat16`` prints the step's memory analysis and this budget;
-  docs/results.md).
+  docs/results.md, "The grid step, and what `recover` budgets").
   """
   return 4 * d * k * ((11 * n + 2) if grid else (3 * n + 6))
 

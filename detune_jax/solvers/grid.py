@@ -34,15 +34,15 @@ from detune_jax.solvers.spectral_detuning import (Rank, normalize_ranks,
 
 LOW_PRECISION_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Defaults of grid_refine's annealing and narrowed box (docs/results.md,
-# "Bit-exact weights of bf16 releases").
+# "The grid step's settings").
 SNAP_FROM = 0.2
 SHRINK = 0.04
 # Projections of the consistency check that decides whether a re-read base is
 # kept (grid_refine's ``check_steps``).
 CHECK_STEPS = 100
 # Heavy-ball extrapolation of the grid step's projections onto rank r_i
-# (grid_refine's ``momentum``; docs/results.md, "Momentum in the grid step's
-# projections").
+# (grid_refine's ``momentum``; docs/results.md, "The grid step's
+# settings").
 MOMENTUM = 0.9
 # Projections of the updates alone before the grid step's alternation
 # (grid_refine's ``free_steps``).
@@ -54,52 +54,63 @@ class GridSettings(NamedTuple):
   """Settings of the dtype-aware grid step that :func:`detune_jax.solve`
   runs after the layer solver on bfloat16/float16 releases (its ``grid``).
 
-  The defaults are what ``recover`` runs; the gains below are measured in
-  docs/results.md (bit-exact weights; "MiniLM": real all-MiniLM-L6-v2
-  fine-tunes released in bf16, n=3 unless said). Other values serve
+  The defaults are what ``recover`` runs; the gains below are bit-exact
+  shares measured in docs/results.md, "The grid step's settings", unless
+  another section is named ("MiniLM": real all-MiniLM-L6-v2 fine-tunes
+  released in bf16, n=3 unless said). Figures from before the momentum
+  are in the measurement diary, ``git show 328b8e0:docs/results.md``
+  ("the diary" below), in the section named. Other values serve
   ablations (``detune_jax.pipeline.RecoverConfig(grid=...)``). All but
   ``min_consistent`` are :func:`grid_refine`'s arguments of the same name
   (:meth:`refine_options`).
 
   Attributes:
-    steps: alternations per round. 1000 gained 0.12 points on MiniLM for
-      5.0x the time of ``auto`` ("A longer grid alternation"); with
-      momentum, 0.004 points for about 3x ("Momentum in the grid step's
-      projections").
+    steps: alternations per round. With momentum, 1000 alternations gain
+      0.004 points on MiniLM (97.444% against 97.440%) for about 3x the
+      time; before the momentum they gained 0.12 points for 5.0x (the
+      diary, "A longer grid alternation").
     restarts: rounds run again from the previous round's ``W``; a better
       ``W`` gives better starting ``M_i``, so they gain where the first
-      round's ``W`` was wrong. One restart: MiniLM 96.4% -> 96.6% (n=3) and
-      97.7% -> 97.8% (n=5), against 96.7% / 97.8% for the grid step started
-      from the true base, ``auto`` taking 1.3x to 1.9x as long ("Bit-exact
-      weights of bf16 releases"); with momentum 97.42% -> 97.44% on
-      MiniLM, none at 1024x1024 r=8, for 1.2x to 1.5x the time. A small
-      gain, kept: the most weights back is what the tool is for.
+      round's ``W`` was wrong. With momentum one restart gains 97.42% ->
+      97.44% on MiniLM and none at 1024x1024 r=8, for 1.5x the time on
+      MiniLM. Before the momentum: MiniLM 96.4% -> 96.6% (n=3) and 97.7% ->
+      97.8% (n=5), against 96.7% / 97.8% for the grid step started from the
+      true base, ``auto`` taking 1.3x to 1.9x as long (the diary,
+      "Bit-exact weights of bf16 releases"). A small gain, kept: the most
+      weights back is what the tool is for.
     redecode_steps: projections of the re-reading of the entries in doubt
       (0: off). With momentum, n=3: 98.71% -> 99.23% at 1024x1024 r=8 (the
-      share the true updates determine: 99.01%) and 96.84% -> 97.44% on
-      MiniLM (r=16), for 2x to 3x the time ("Momentum in the grid step's
-      projections"; without momentum it gained 0.02 on MiniLM, "Re-reading
-      the entries in doubt"). It gains where updates have few parameters
-      per weight and keeps the base where they do not.
+      share the true updates determine: 99.01%, docs/results.md, "Bit-exact
+      share by layer size and rank") and 96.84% -> 97.44% on MiniLM (r=16),
+      for 3x the time on MiniLM; without momentum it gained 0.02 on MiniLM
+      (the diary, "Re-reading the entries in doubt"). It gains where
+      updates have few parameters per weight and keeps the base where they
+      do not.
     snap_from: the first alternation's snapping distance ``tau``, in ``[0,
-      1/2]``; 1/2 snaps every entry from the start. MiniLM: 94.9% snapped
-      from the start, 96.0% annealed from 0.2 ("Bit-exact weights of bf16
-      releases").
+      1/2]``; 1/2 snaps every entry from the start. MiniLM, with the
+      narrowed box, before the re-reading and momentum: 95.6% snapped from
+      the start, 96.6% annealed from 0.2.
     shrink: fraction of each rounding interval's width taken off both ends
       of the M-step's box, in ``[0, 1/2)``. Projections onto a box end on
       its faces; a slightly narrower box keeps the ``M_i`` inside the true
       one, so that a grid value one step off is not matched as easily
-      (MiniLM: 96.0% with 0, 96.6% with 0.04).
+      (MiniLM: 97.41% with 0, 97.44% with 0.04; before the momentum, with
+      annealing, 96.0% and 96.6%: the diary, "Bit-exact weights of bf16
+      releases").
     momentum: heavy-ball extrapolation of the projections onto rank
       ``r_i``, in ``[0, 1)``. Alternating projections creep along the narrow
       region where the box and the rank-``r_i`` matrices nearly meet; the
       extrapolation gets them further, for one more pass over the stack
-      per projection (up to 1.2x the time). With the re-reading, n=3:
-      64x64 r=2 98.1% -> 98.8%, 256x256 r=16 95.2% -> 96.3%, MiniLM 96.6%
-      -> 97.4% ("Momentum in the grid step's projections").
+      per projection (up to 1.2x the time: docs/results.md, "Time of the
+      grid step, and of the check without ground truth"). With the
+      re-reading, n=3: 64x64 r=2 98.1% -> 98.8%, 256x256 r=16 95.2% ->
+      96.3%, MiniLM 96.6% -> 97.4% (docs/results.md, "Bit-exact share by
+      layer size and rank").
     free_steps: projections of the ``M_i`` alone before the alternation (0:
       none): entries where the start is wrong do not pull the ``M_i`` toward
-      it (MiniLM, before the annealing: 94.2% against 92.9% without).
+      it (MiniLM: 97.44% against 97.41% without; before the annealing and
+      the momentum, on 6 of its layers, 94.2% against 92.9%: the diary,
+      "Bit-exact weights of bf16 releases").
     min_consistent: layers whose grid step ends with a smaller
       :attr:`GridDiagnostics.consistent_fraction` keep the solver's
       estimate (0: never). The step assumes that the base lies on the
@@ -112,7 +123,7 @@ class GridSettings(NamedTuple):
       fp16, n = 3 to 8, synthetic and MiniLM layers; "Releases not rounded
       from a base on the grid"). With two releases the step ends at 0.55 to
       0.58 either way and is skipped too; it gained nothing there (at most
-      0.1 points and 0.01 W-Error).
+      0.1 points and 0.01 W-Error; the diary, same section).
 
   >>> GridSettings(restarts=0).refine_options()["restarts"]
   0
@@ -238,7 +249,9 @@ def _intersection(lo, hi, M):
   intervals ``[lo_i - M_i, hi_i - M_i]`` that hold ``W`` given ``M``."""
   # A loop over the stacked axis, one slice at a time: XLA:CPU reduces over
   # an outer axis several times slower, and this runs in every step of the
-  # grid step's loops (docs/results.md, "The grid step on large layers").
+  # grid step's loops: ``auto`` on one 2048x2048 bf16 layer (r=16, n=3)
+  # took 74.7 s with the reduction and 33.0 s with this loop (``git show
+  # 328b8e0:docs/results.md``, "The grid step on large layers").
   # Unrolled, it was as fast but held more temporary memory for n = 8.
   def over_stack(op, bound):
     axis = M.ndim - 3
@@ -533,7 +546,8 @@ def grid_refine(W_primes, W0, rank: Rank, *, steps: int = 100,
   annealing from the free projection to the grid, so that entries whose
   rounding is in doubt do not lock the ``M_i`` onto a wrong grid value
   before the ``M_i`` are good enough to decide them. :class:`GridSettings`
-  says what each setting gains, as measured (docs/results.md).
+  says what each setting gains, as measured (docs/results.md, "The grid
+  step's settings").
 
   Args:
     W_primes: ``[n, d, k]`` or ``[L, n, d, k]`` bfloat16/float16 inputs (the

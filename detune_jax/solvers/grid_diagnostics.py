@@ -28,8 +28,8 @@ from detune_jax.solvers.spectral_detuning import Rank
 
 # explain_releases' projections: heavy-ball momentum, no over-relaxation:
 # they find witnesses several times sooner than over-relaxed ones (relax
-# 1.9, no momentum; docs/results.md, "Momentum in the grid step's
-# projections").
+# 1.9, no momentum; ``git show 328b8e0:docs/results.md``, "Momentum in the
+# grid step's projections").
 EXPLAIN_RELAX = 1.0
 EXPLAIN_MOMENTUM = 0.9
 
@@ -146,8 +146,8 @@ def explain_releases(W_primes, W, rank: Rank, *, max_steps: int = 32000,
   r=16) the true base is explained within 250 projections on every layer
   and ``auto``'s output within 500. Over-relaxed by 1.9 without momentum
   the true base took up to 3750, and the output of the grid step without
-  re-reading or momentum up to 27000 (docs/results.md, "Momentum in the
-  grid step's projections").
+  re-reading or momentum up to 27000 (``git show 328b8e0:docs/results.md``,
+  "Momentum in the grid step's projections").
 
   Args:
     W_primes: ``[n, d, k]`` or ``[L, n, d, k]`` bfloat16/float16 releases.
@@ -231,12 +231,14 @@ def first_order_margin(W_primes, W, updates, rank: Rank, *,
   e.g. the true base with one entry changed: at 64x64, rank 2, the search
   explained the changed base at 139 of 160 entries, all with ``t >= 0`` on
   every release; of the other 21, 19 have ``t < 0`` on some release and 2
-  are at the edge (below 0.002; docs/results.md). Released zeros count as
-  reproduced within ``1e-12`` times the layer's largest released
-  magnitude, as in :func:`explain_releases`. Each release is an LP with
-  ``d * k`` two-sided rows and ``r_i (d + k)`` unknowns (scipy's HiGHS, by
-  constraint generation; about a second at 64x64 rank 2, 37 s at 256x256
-  rank 4 on the shared machine, docs/results.md).
+  are at the edge (below 0.002; ``git show 328b8e0:docs/results.md``, "Low
+  ranks: the entries not shown open are closed to first order"). Released
+  zeros count as reproduced within ``1e-12`` times the layer's largest
+  released magnitude, as in :func:`explain_releases`. Each release is an
+  LP with ``d * k`` two-sided rows and ``r_i (d + k)`` unknowns (scipy's
+  HiGHS, by constraint generation; about a second at 64x64 rank 2, 37 s
+  at 256x256 rank 4 on the shared machine: the same diary, that section
+  and "256x256 r=4: a sample of the entries not shown open").
 
   Args:
     W_primes: ``[..., n, d, k]`` bfloat16/float16 releases.
@@ -294,7 +296,9 @@ def _tangent_margin(c, lo, hi, M, r: int, cap: float) -> float:
   ``2 d k`` rows bind; HiGHS's simplex on all of them at once had not
   ended after 20 minutes at 256x256 rank 4). Each LP is solved by HiGHS's
   interior point method: on a 48x48 rank-2 swap run it took two thirds of
-  the simplex's time and gave the same margins to 1e-9 (docs/results.md)."""
+  the simplex's time and gave the same margins to 1e-9 (``git show
+  328b8e0:docs/results.md``, "256x256 r=4: a sample of the entries not
+  shown open")."""
   from scipy import sparse  # pylint: disable=g-import-not-at-top
   from scipy import optimize  # pylint: disable=g-import-not-at-top
   d, k = c.shape
@@ -357,8 +361,10 @@ def determined_fraction(W_primes, M, W_true):
   M_i, hi_i - M_i]`` holds no other grid point: no estimator that reads
   only the releases can pin more entries. The releases alone can pin fewer,
   since the updates are unknown too: where two bases that both
-  :func:`explain_releases` differ, neither is determined (on real MiniLM
-  fine-tunes in bf16 that bound is 1.7-1.9 points lower; docs/results.md).
+  :func:`explain_releases` differ, neither is determined (on the real
+  MiniLM fine-tunes in bf16, n=3, the identifiable bound from such bases
+  is 96.35%, 2.3 points below this share's 98.62%; docs/results.md, "What
+  the releases determine").
   Evaluation only (it needs the truth).
 
   Returns:

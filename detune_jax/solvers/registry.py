@@ -167,10 +167,12 @@ REFINE_SCHEDULE = RankSchedule(kind="fixed")
 AUTO_MIN_GAP = 0.05
 
 # Steps of spectral_detuning (at the end ranks, then its float32 refinement)
-# that "auto" takes from the closed form of every layer. Measured on five
-# scenarios (docs/results.md, "Polishing the closed form"), one step and the
-# refinement gain 0.04 to 1.65 W-Error over the closed form on every float32
-# one, while 300 steps drift away from it by float32 noise where the
+# that "auto" takes from the closed form of every layer. Measured on the
+# float32 stacks of docs/results.md, "Few fine-tunes" (real MiniLM
+# fine-tunes, Gaussian and correlated synthetic LoRAs; the closed form, auto
+# and 300 steps side by side in docs/results/few_finetunes/polish_*/), one
+# step and the refinement gain 0.04 to 1.65 W-Error over the closed form on
+# every one, while 300 steps drift away from it by float32 noise where the
 # fine-tunes share directions (the loss is flat at the noise level there:
 # lower or higher losses do not tell better estimates apart).
 POLISH_STEPS = 1

@@ -229,7 +229,9 @@ def _left_products(Q, D, batch: int = 1):
 # one applies, because the full-width steps' states sit at a slightly higher
 # float32 noise floor (24 real MiniLM layers, n=5, r=16: mean final W-Error
 # -17.37 against -17.50 with every step's SVD, and -17.50 with these 16
-# steps at the end; one-off, docs/results.md).
+# steps at the end; a one-off script, ``git show 328b8e0:docs/results.md``,
+# the section on "a cheaper right step, and no SVD in the left step at the
+# end rank").
 _FULL_WIDTH_TAIL = 16
 
 
@@ -1400,7 +1402,7 @@ def precompile(shape: Sequence[int], rank: Rank, steps: int = 300, *,
   stack is read, and trimming the heap afterwards (``trim``, see
   :mod:`detune_jax.memory`) keeps that memory out of the solve's peak. On
   the Mistral-shaped layer (12 x 4096 x 4096) the peak above the imports
-  is 1.48x the stack with it (``docs/results.md``).
+  is 1.47x the stack with it (docs/results.md, "Memory").
 
   Args:
     shape: ``(n, d, k)`` or ``(L, n, d, k)``.
