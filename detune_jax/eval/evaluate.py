@@ -1,0 +1,112 @@
+"""Reference-against-candidates evaluation, as ``experiments.evaluate`` runs it.
+
+Each function loads the reference once, then each candidate in turn (one
+candidate's parameters in memory at a time beside the reference), and
+returns the JSON-ready result ``{"metric", "candidates": [{"path", "value",
+...}]}``. Candidates without a ``config.json`` of their own (a bare
+safetensors file, as ``experiments.recover`` may be pointed at) take the
+reference's.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, List, Optional, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from detune_jax.eval import activations, images as images_lib, sbert
+from detune_jax.io.errors import BadInputError
+from detune_jax.models import bert, checkpoint, vit
+
+DEFAULT_TEXTS = os.path.join(os.path.dirname(__file__), "data",
+                             "sentences.txt")
+
+
+def read_texts(path: str) -> List[str]:
+  """One text per non-empty line of ``path``."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      texts = [line.strip() for line in f if line.strip()]
+  except (OSError, UnicodeDecodeError) as e:
+    raise BadInputError(path, f"unreadable text file: {e}") from None
+  if not texts:
+    raise BadInputError(path, "no texts (one per line expected)")
+  return texts
+
+
+def check_models(reference: str, candidates: Sequence[str]):
+  """Opens every model's files and config before any is run, so bad input
+  is found before minutes of work (the weights are only memory-mapped)."""
+  ref_config = checkpoint.read_config(reference)
+  for path in [reference, *candidates]:
+    checkpoint.read_config(path, _candidate_config(path, ref_config))
+    checkpoint.read_tensors(path)
+  return ref_config
+
+
+def _candidate_config(path: str, reference_config: dict) -> Optional[dict]:
+  has_own = os.path.exists(os.path.join(checkpoint.config_dir(path),
+                                        "config.json"))
+  return None if has_own else reference_config
+
+
+def evaluate_bert(reference: str, candidates: Sequence[str],
+                  texts: Optional[Sequence[str]] = None, *,
+                  batch_size: int = 32, dtype=jnp.float32,
+                  progress: Callable[[str], None] = lambda s: None) -> Dict:
+  """SBERT distance of each candidate encoder to the reference on ``texts``.
+
+  Every text is embedded by the reference and by the candidate (the
+  sentence-transformers pipeline of the reference's directory: its
+  tokenizer, pooling and normalisation); ``value`` is the mean over texts of
+  ``log10(1 - cos + eps)`` (:func:`detune_jax.eval.sbert_distance`).
+  """
+  texts = list(texts) if texts is not None else read_texts(DEFAULT_TEXTS)
+  tok_dir = checkpoint.config_dir(reference)
+  ref_config = check_models(reference, candidates)
+  encode = lambda model: bert.SentenceEncoder(model, tok_dir,
+                                              batch_size=batch_size)(texts)
+  progress(reference)
+  ref = encode(bert.load(reference, dtype=dtype))
+  out = []
+  for path in candidates:
+    progress(path)
+    model = bert.load(path, dtype=dtype,
+                      config=_candidate_config(path, ref_config))
+    d = sbert.sbert_distance(ref, encode(model))
+    out.append({"path": path, "value": d.mean_log10,
+                "mean_distance": d.mean,
+                "per_text": [float(v) for v in d.distances]})
+  return {"metric": "sbert", "texts": len(texts), "candidates": out}
+
+
+def evaluate_vit(reference: str, candidates: Sequence[str],
+                 image_dir: Optional[str] = None, *, batch_size: int = 64,
+                 dtype=jnp.float32,
+                 progress: Callable[[str], None] = lambda s: None) -> Dict:
+  """ViT activation distance of each candidate to the reference.
+
+  Images come from ``image_dir`` (PNG/JPEG), prepared with the reference
+  directory's ``preprocessor_config.json`` when it has one, or from the
+  built-in set; ``value`` is the mean of ``per_layer``.
+  """
+  prep = images_lib.Preprocessing.from_model_dir(
+      checkpoint.config_dir(reference))
+  ref_config = check_models(reference, candidates)
+  if ref_config.get("image_size", prep.size) != prep.size:
+    prep = prep._replace(size=int(ref_config["image_size"]))
+  x = (images_lib.load_images(image_dir, prep) if image_dir
+       else images_lib.default_images(prep=prep))
+  progress(reference)
+  ref = vit.load(reference, dtype=dtype)
+  out = []
+  for path in candidates:
+    progress(path)
+    model = vit.load(path, dtype=dtype,
+                     config=_candidate_config(path, ref_config))
+    d = activations.activation_distance(ref, model, x, batch_size=batch_size)
+    out.append({"path": path, "value": d.mean, "per_layer": d.per_layer})
+  return {"metric": "vit_activation_distance", "images": int(len(x)),
+          "candidates": out}

@@ -1,0 +1,51 @@
+r"""Converts a model checkpoint between HF safetensors and orbax, bit for bit.
+
+    python -m experiments.convert --from=MODEL_DIR_OR.safetensors --to=ORBAX_DIR
+    python -m experiments.convert --from=ORBAX_DIR --to=HF_DIR
+    python -m experiments.convert --from=ORBAX_DIR --to=model.safetensors
+
+The form of ``--to`` is a ``.safetensors`` file when it ends so; otherwise an
+orbax checkpoint when ``--from`` is not one, an HF directory when it is
+(``--to_format`` says it outright). The files beside the weights
+(``config.json``, tokenizer files, ...) travel with them into directories.
+Every tensor keeps its dtype, shape and bytes. ``--to`` must not exist;
+a failed conversion leaves nothing behind. Bad input exits with status 2 and
+one line.
+"""
+
+import logging as py_logging
+import sys
+
+from absl import app, flags
+
+from detune_jax.io import checkpoints
+from detune_jax.io.errors import BadInputError, parse_flags
+
+_FROM = flags.DEFINE_string("from", None, "Source: an HF model directory, a "
+                            ".safetensors file or an orbax checkpoint.")
+_TO = flags.DEFINE_string("to", None, "Destination (must not exist).")
+_TO_FORMAT = flags.DEFINE_enum("to_format", None,
+                               ["orbax", "hf", "safetensors"],
+                               "Form of --to (default: see above).")
+
+flags.mark_flags_as_required(["from", "to"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  py_logging.getLogger("jax").setLevel(py_logging.WARNING)
+  src, dest = _FROM.value, _TO.value
+  form = _TO_FORMAT.value or checkpoints.default_form(src, dest)
+  try:
+    ckpt = checkpoints.read_checkpoint(src)
+    checkpoints.write_checkpoint(ckpt, dest, form)
+  except BadInputError as e:
+    sys.stderr.write(f"error: {e}\n")
+    sys.exit(2)
+  print(f"wrote {len(ckpt.tensors)} tensors to {dest} ({form})")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)
