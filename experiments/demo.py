@@ -5,8 +5,8 @@ r"""Recovers all-MiniLM-L6-v2 from 5 of the shipped LoRA fine-tunes.
 Merges data/minilm_bench/lora_00..lora_04 into the base (float32), recovers
 the base from them with the pipeline (solver auto), and prints W-Error and
 SBERT distance of the fine-tunes, their mean and the recovery to the true
-base. The models go to a temporary folder, removed at the end, unless
---work_dir is given (then kept, and a rerun reuses them).
+base. The merged fine-tunes and the recovered model go to --work_dir
+(./detune_demo_minilm by default, kept: a rerun reuses them).
 """
 
 import time
@@ -14,8 +14,6 @@ import time
 _START = time.time()
 
 import os  # pylint: disable=g-import-not-at-top,g-bad-import-order
-import shutil
-import tempfile
 
 from absl import app, flags
 
@@ -26,8 +24,8 @@ _BENCH = flags.DEFINE_string(
     "bench_dir", os.path.join(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))), "data", "minilm_bench"),
     "The shipped adapters (lora_XX/).")
-_WORK_DIR = flags.DEFINE_string("work_dir", None, "Where the merged models "
-                                "and the recovery go (kept).")
+_WORK_DIR = flags.DEFINE_string("work_dir", "detune_demo_minilm", "Where the "
+                                "merged models and the recovery go (kept).")
 _N = flags.DEFINE_integer("n", 5, "Fine-tunes to recover from.")
 
 
@@ -35,20 +33,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   timings.enable_compilation_cache(None)
-  work_dir = _WORK_DIR.value or tempfile.mkdtemp(prefix="detune_demo_minilm_")
-  try:
-    result = demo.recover_minilm(_BENCH.value, work_dir, _N.value)
-  finally:
-    if not _WORK_DIR.value:
-      shutil.rmtree(work_dir, ignore_errors=True)
+  work_dir = _WORK_DIR.value
+  result = demo.recover_minilm(_BENCH.value, work_dir, _N.value)
   print(demo.format_table(result.rows))
   print(f"(distance of each to the true all-MiniLM-L6-v2, lower is closer: "
         f"W-Error is log10 of the weights' mean squared error over the "
         f"{result.report['n_solved']} fine-tuned matrices, SBERT the mean "
         f"log10 of 1 - cos between sentence embeddings; LoRA-FT: the mean "
         f"over the {_N.value} fine-tunes, Mean-LoRA: their average)")
-  where = f"in {work_dir}" if _WORK_DIR.value else "in a removed temp dir"
-  print(f"models {where}; total time {time.time() - _START:.1f}s")
+  print(f"models in {work_dir}/; total time {time.time() - _START:.1f}s")
 
 
 if __name__ == "__main__":
