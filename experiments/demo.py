@@ -14,10 +14,12 @@ import time
 _START = time.time()
 
 import os  # pylint: disable=g-import-not-at-top,g-bad-import-order
+import sys
 
 from absl import app, flags
 
 from detune_jax import timings
+from detune_jax.io.errors import BadInputError, parse_flags
 from detune_jax.lora import demo
 
 _BENCH = flags.DEFINE_string(
@@ -34,7 +36,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   timings.enable_compilation_cache(None)
   work_dir = _WORK_DIR.value
-  result = demo.recover_minilm(_BENCH.value, work_dir, _N.value)
+  try:
+    result = demo.recover_minilm(_BENCH.value, work_dir, _N.value)
+  except BadInputError as e:
+    sys.stderr.write(f"error: {e}\n")
+    sys.exit(2)
   print(demo.format_table(result.rows))
   print(f"(distance of each to the true all-MiniLM-L6-v2, lower is closer: "
         f"W-Error is log10 of the weights' mean squared error over the "
@@ -45,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
