@@ -38,8 +38,6 @@ import json
 import os
 import random
 import shutil
-import sys
-import sysconfig
 import time
 
 from absl import app, flags
@@ -47,7 +45,6 @@ from absl import app, flags
 DEFAULT_DIR = os.path.join("~", ".cache", "detune_jax", "minilm_finetunes")
 TASKS = ("vader", "fortune", "jokes")
 TARGET_MODULES = r".*\.attention\.(self\.(query|key|value)|output\.dense)"
-FORTUNE_FILES = ("fortunes", "limerick", "murphy", "startrek", "zippy")
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "vocab.txt")
 
@@ -78,51 +75,10 @@ def minilm_dir() -> str:
 
 
 def load_task(task: str):
-  """Texts and integer labels of one offline task.
-
-  Args:
-    task: one of :data:`TASKS`.
-
-  Returns:
-    ``(texts, labels, num_classes)``.
-  """
-  if task == "vader":
-    import vaderSentiment  # pylint: disable=import-outside-toplevel
-    path = os.path.join(os.path.dirname(vaderSentiment.__file__),
-                        "vader_lexicon.txt")
-    texts, labels = [], []
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        parts = line.rstrip("\n").split("\t")
-        if len(parts) >= 2 and float(parts[1]) != 0.0:
-          texts.append(parts[0])
-          labels.append(int(float(parts[1]) > 0))
-    return texts, labels, 2
-  if task == "fortune":
-    root = os.path.join(sysconfig.get_paths()["data"], "share", "games",
-                        "fortune")
-    if not os.path.isdir(root):
-      root = os.path.join(sys.prefix, "share", "games", "fortune")
-    texts, labels = [], []
-    for label, name in enumerate(FORTUNE_FILES):
-      with open(os.path.join(root, name), encoding="utf-8",
-                errors="replace") as f:
-        for chunk in f.read().split("\n%\n"):
-          chunk = " ".join(chunk.split())
-          if len(chunk) > 10:
-            texts.append(chunk)
-            labels.append(label)
-    return texts, labels, len(FORTUNE_FILES)
-  if task == "jokes":
-    import pyjokes  # pylint: disable=import-outside-toplevel
-    texts, labels, classes = [], [], {}
-    for lang in ("en", "de", "es", "it"):
-      for cat in ("neutral", "chuck"):
-        for joke in pyjokes.get_jokes(language=lang, category=cat):
-          texts.append(joke)
-          labels.append(classes.setdefault((lang, cat), len(classes)))
-    return texts, labels, len(classes)
-  raise ValueError(f"unknown task {task!r}; known: {TASKS}")
+  """``(texts, labels, num_classes)`` of one offline task (the JAX trainer's
+  tasks, :func:`detune_jax.lora.load_task`)."""
+  from detune_jax.lora import tasks  # pylint: disable=g-import-not-at-top
+  return tuple(tasks.load_task(task))
 
 
 def finetune_plan(num_finetunes: int):
