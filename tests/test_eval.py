@@ -46,6 +46,9 @@ def test_sentence_encoder_compiles_per_bucket_not_per_batch():
   enc(texts)
   enc([t + " more" for t in texts])
   assert enc._embed._cache_size() == 1  # all under the 16-token bucket
+  enc.use(bert.load(path))  # another model's weights: no new compile
+  enc(texts)
+  assert enc._embed._cache_size() == 1
 
 
 def test_sbert_distance_floor_and_growth():

@@ -66,16 +66,18 @@ def evaluate_bert(reference: str, candidates: Sequence[str],
   texts = list(texts) if texts is not None else read_texts(DEFAULT_TEXTS)
   tok_dir = checkpoint.config_dir(reference)
   ref_config = check_models(reference, candidates)
-  encode = lambda model: bert.SentenceEncoder(model, tok_dir,
-                                              batch_size=batch_size)(texts)
   progress(reference)
-  ref = encode(bert.load(reference, dtype=dtype))
+  # One encoder for every model: each candidate reuses the programs compiled
+  # for the reference instead of compiling its own.
+  encoder = bert.SentenceEncoder(bert.load(reference, dtype=dtype), tok_dir,
+                                 batch_size=batch_size)
+  ref = encoder(texts)
   out = []
   for path in candidates:
     progress(path)
-    model = bert.load(path, dtype=dtype,
-                      config=_candidate_config(path, ref_config))
-    d = sbert.sbert_distance(ref, encode(model))
+    encoder.use(bert.load(path, dtype=dtype,
+                          config=_candidate_config(path, ref_config)))
+    d = sbert.sbert_distance(ref, encoder(texts))
     out.append({"path": path, "value": d.mean_log10,
                 "mean_distance": d.mean,
                 "per_text": [float(v) for v in d.distances]})

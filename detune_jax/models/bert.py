@@ -198,11 +198,20 @@ class SentenceEncoder:
     self.batcher = Batcher(batch_size, max_length=int(limit))
     self.dim = model.config.hidden_size
     graphdef, state = nnx.split(model)
+    self._graphdef = graphdef
     self._state = state
     self._embed = jax.jit(
         lambda state, ids, mask: _pool(nnx.merge(graphdef, state)(
             ids, mask)["last_hidden_state"], mask, self.pooling,
             self.normalize))
+
+  def use(self, model: Bert):
+    """Embeds with ``model``'s weights from now on, through the programs
+    already compiled (``model`` must have the same architecture)."""
+    graphdef, state = nnx.split(model)
+    if graphdef != self._graphdef:
+      raise ValueError("a model of another architecture than the encoder's")
+    self._state = state
 
   def tokenize(self, texts: Sequence[str]) -> List[List[int]]:
     return [e.ids for e in self.tokenizer.encode_batch(list(texts))]
