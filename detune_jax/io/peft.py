@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Dict, List, Tuple
+from typing import Dict, List, NamedTuple, Tuple
 
 import numpy as np
 
@@ -80,20 +80,24 @@ def load_adapter(adapter_dir) -> Tuple[dict, SafetensorsFile]:
   return cfg, SafetensorsFile(st_path)
 
 
-def adapter_deltas(adapter_dir, base: ModelFiles) -> Dict[str, np.ndarray]:
-  """What adapter ``adapter_dir`` does to the tensors of ``base``.
+class Factors(NamedTuple):
+  """One LoRA target of an adapter: ``A`` and ``B`` as stored (float32),
+  its rank ``r`` and ``scale`` (``alpha / r``, ``alpha / sqrt(r)`` with
+  rsLoRA), and whether it is an embedding's (``lora_embedding_A/B``)."""
+  A: np.ndarray
+  B: np.ndarray
+  rank: int
+  scale: float
+  embedding: bool
 
-  Args:
-    adapter_dir: PEFT adapter directory.
-    base: the base model.
 
-  Returns:
-    ``{name: (kind, float32 array)}`` with kind ``"add"`` or ``"replace"``.
-  """
+def _read_adapter(adapter_dir, base: ModelFiles):
+  """``(cfg, replaced, factors)``: the whole tensors of ``modules_to_save``
+  and the LoRA factors of every target, keyed by base tensor name."""
   cfg, st = load_adapter(adapter_dir)
   base_names = set(base.names)
   pairs: Dict[str, Dict[str, np.ndarray]] = {}
-  out = {}
+  replaced = {}
   for key in st.names:
     short = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
     if "lora_magnitude_vector" in short:
@@ -105,7 +109,8 @@ def adapter_deltas(adapter_dir, base: ModelFiles) -> Dict[str, np.ndarray]:
     else:
       short = short.replace(".modules_to_save.default", "")
       name = _resolve(short, base_names, "", st.path)
-      out[name] = ("replace", np.asarray(st.read(key), np.float32))
+      replaced[name] = np.asarray(st.read(key), np.float32)
+  factors = {}
   for module, ab in sorted(pairs.items()):
     emb = "lora_embedding_A" in ab
     A = ab.get("lora_embedding_A" if emb else "lora_A")
@@ -113,25 +118,68 @@ def adapter_deltas(adapter_dir, base: ModelFiles) -> Dict[str, np.ndarray]:
     if A is None or B is None:
       raise BadInputError(st.path, "lora_A without lora_B (or the reverse)",
                           tensor=module)
-    r = int(A.shape[0])
     r_cfg = int(_pattern_value(cfg.get("rank_pattern"), module, cfg["r"]))
     alpha = float(_pattern_value(cfg.get("alpha_pattern"), module,
                                  cfg.get("lora_alpha", r_cfg)))
     scale = alpha / (math.sqrt(r_cfg) if cfg.get("use_rslora") else r_cfg)
-    A32, B32 = np.asarray(A, np.float32), np.asarray(B, np.float32)
     name = _resolve(module, base_names, ".weight", st.path)
+    factors[name] = Factors(np.asarray(A, np.float32),
+                            np.asarray(B, np.float32), r_cfg, scale, emb)
+  return cfg, st, replaced, factors
+
+
+def adapter_deltas(adapter_dir, base: ModelFiles) -> Dict[str, np.ndarray]:
+  """What adapter ``adapter_dir`` does to the tensors of ``base``.
+
+  Args:
+    adapter_dir: PEFT adapter directory.
+    base: the base model.
+
+  Returns:
+    ``{name: (kind, float32 array)}`` with kind ``"add"`` or ``"replace"``.
+  """
+  cfg, st, replaced, factors = _read_adapter(adapter_dir, base)
+  out = {name: ("replace", t) for name, t in replaced.items()}
+  for name, f in factors.items():
+    r = int(f.A.shape[0])
     shape = base.info(name).shape
-    if emb:
-      delta = (B32 @ A32).T
+    if f.embedding:
+      delta = (f.B @ f.A).T
     else:
-      delta = B32.reshape(B32.shape[0], r) @ A32.reshape(r, -1)
+      delta = f.B.reshape(f.B.shape[0], r) @ f.A.reshape(r, -1)
       if cfg.get("fan_in_fan_out"):
         delta = delta.T
     if int(np.prod(delta.shape)) != int(np.prod(shape)):
       raise BadInputError(st.path, f"LoRA product {list(delta.shape)} does "
                           f"not fit base shape {list(shape)}", tensor=name)
-    out[name] = ("add", (scale * delta).reshape(shape))
+    out[name] = ("add", (f.scale * delta).reshape(shape))
   return out
+
+
+def adapter_factors(adapter_dir, base: ModelFiles) -> Dict[str, Factors]:
+  """The LoRA factors of an adapter of plain linear layers, keyed by base
+  tensor name, with ``B [out, r] @ A [r, in]`` in the base's layout.
+
+  Raises:
+    BadInputError: the adapter has what factors alone do not describe
+      (``modules_to_save``, embeddings, convolutions, ``fan_in_fan_out``),
+      or factors that do not fit their base tensor.
+  """
+  cfg, st, replaced, factors = _read_adapter(adapter_dir, base)
+  if replaced:
+    raise BadInputError(st.path, "whole tensors (modules_to_save) are not "
+                        "LoRA factors", tensor=sorted(replaced)[0])
+  if cfg.get("fan_in_fan_out"):
+    raise BadInputError(os.path.join(str(adapter_dir), "adapter_config.json"),
+                        "fan_in_fan_out adapters are not supported here")
+  for name, f in factors.items():
+    shape = tuple(base.info(name).shape)
+    if f.embedding or f.A.ndim != 2 or f.B.ndim != 2 or \
+        (f.B.shape[0], f.A.shape[1]) != shape or f.B.shape[1] != f.A.shape[0]:
+      raise BadInputError(st.path, f"B {list(f.B.shape)} @ A "
+                          f"{list(f.A.shape)} is not a linear layer's update "
+                          f"of shape {list(shape)}", tensor=name)
+  return factors
 
 
 def _first_missing_dir(path: str):
