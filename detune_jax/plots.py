@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import os
-from typing import List
+from typing import Dict, List, Sequence
 
 import numpy as np
 
@@ -81,17 +81,64 @@ def plot_w_error_histogram(report: dict, path: str) -> str:
 
 def plot_cumulative_w_error(report: dict, path: str) -> str:
   """Share of layers with W-Error <= x (paper Fig. 6)."""
-  plt = _plt()
   ours, mean = _errors(report)
+  return plot_cumulative({report["solver"]: ours, "Mean-LoRA": mean}, path)
+
+
+def plot_cumulative(series: Dict[str, Sequence[float]], path: str,
+                    title: str = "") -> str:
+  """Share of layers with W-Error <= x, one line per ``{label: errors}``
+  (paper Fig. 6)."""
+  plt = _plt()
   fig, ax = plt.subplots(figsize=(6, 4))
-  for errs, label in ((ours, report["solver"]), (mean, "Mean-LoRA")):
-    x = np.sort(errs)
+  for label, errs in series.items():
+    x = np.sort(np.asarray(errs, float))
     ax.step(x, 100 * np.arange(1, len(x) + 1) / len(x), where="post",
             label=label)
   ax.set_xlabel("W-Error (log10 MSE)")
   ax.set_ylabel("% of layers with W-Error <= x")
   ax.set_ylim(0, 101)
+  ax.set_title(title)
   ax.legend()
+  _save(fig, path)
+  plt.close(fig)
+  return path
+
+
+def plot_per_layer(series: Dict[str, Sequence[float]], names: Sequence[str],
+                   path: str, title: str = "") -> str:
+  """Per-layer W-Error, one bar group per layer, one bar per ``{label:
+  errors}`` (paper Fig. 5)."""
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(names)), 4))
+  width = 0.8 / len(series)
+  x = np.arange(len(names))
+  for i, (label, errs) in enumerate(series.items()):
+    ax.bar(x + i * width, errs, width, label=label)
+  ax.set_xticks(x + 0.4 - width / 2)
+  ax.set_xticklabels(names, rotation=90, fontsize=7)
+  ax.set_ylabel("W-Error (log10 MSE)")
+  ax.set_title(title)
+  ax.legend()
+  _save(fig, path)
+  plt.close(fig)
+  return path
+
+
+def plot_against_n(ns: Sequence[int], panels: Dict[str, Dict[str, Sequence]],
+                   path: str, title: str = "") -> str:
+  """Scores against the number of fine-tunes: one panel per ``{ylabel:
+  {label: values}}`` (paper Fig. 7 and 10)."""
+  plt = _plt()
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4),
+                           squeeze=False)
+  for ax, (ylabel, series) in zip(axes[0], panels.items()):
+    for label, values in series.items():
+      ax.plot(ns, values, marker="o", ms=3, label=label)
+    ax.set_xlabel("number of LoRA fine-tunes n")
+    ax.set_ylabel(ylabel)
+    ax.legend()
+  fig.suptitle(title)
   _save(fig, path)
   plt.close(fig)
   return path

@@ -162,12 +162,21 @@ def load(path: str, *, dtype=jnp.float32,
   checkpoint (``config``: the HF config dict when ``path`` has none beside
   it). A ``bert.`` prefix (task checkpoints) is taken off; a checkpoint
   without a pooler gives a model without one."""
-  tensors = checkpoint.strip_prefix(checkpoint.read_tensors(path), "bert.")
-  hf = checkpoint.read_config(path, config)
-  cfg = BertConfig.from_hf(hf, source=path,
+  tensors = checkpoint.read_tensors(path)
+  return from_tensors(tensors, checkpoint.read_config(path, config),
+                      dtype=dtype, source=path)
+
+
+def from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping, *,
+                 dtype=jnp.float32, source: str = "tensors") -> Bert:
+  """A :class:`Bert` from HF-named tensors in memory and an HF config dict
+  (e.g. a base with some matrices replaced); checked as :func:`load`
+  checks a checkpoint, ``source`` naming it in errors."""
+  tensors = checkpoint.strip_prefix(dict(tensors), "bert.")
+  cfg = BertConfig.from_hf(config, source=source,
                            pooler="pooler.dense.weight" in tensors)
   model = nnx.eval_shape(lambda: Bert(cfg, dtype=dtype))
-  return checkpoint.load_params(model, tensors, NAME_TABLE, source=path,
+  return checkpoint.load_params(model, tensors, NAME_TABLE, source=source,
                                 dtype=dtype, ignore=IGNORED)
 
 
