@@ -2,7 +2,8 @@ r"""Recovers all-MiniLM-L6-v2 from 5 of the shipped LoRA fine-tunes.
 
     python -m experiments.demo [--work_dir=DIR]
 
-Merges data/minilm_bench/lora_00..lora_04 into the base (float32), recovers
+Merges the shipped adapters lora_00..lora_04 (detune_jax/data/minilm_bench/
+rank16) into the base (float32), recovers
 the base from them with the pipeline (solver auto), and prints W-Error and
 SBERT distance of the fine-tunes, their mean and the recovery to the true
 base. The merged fine-tunes and the recovered model go to --work_dir
@@ -13,8 +14,7 @@ import time
 
 _START = time.time()
 
-import os  # pylint: disable=g-import-not-at-top,g-bad-import-order
-import sys
+import sys  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 from absl import app, flags
 
@@ -23,9 +23,8 @@ from detune_jax.io.errors import BadInputError, parse_flags
 from detune_jax.lora import demo
 
 _BENCH = flags.DEFINE_string(
-    "bench_dir", os.path.join(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))), "data", "minilm_bench"),
-    "The shipped adapters (lora_XX/).")
+    "bench_dir", None, "A built subset of the bench (default the shipped "
+    "rank-16 adapters, detune_jax/data/minilm_bench/rank16).")
 _WORK_DIR = flags.DEFINE_string("work_dir", "detune_demo_minilm", "Where the "
                                 "merged models and the recovery go (kept).")
 _N = flags.DEFINE_integer("n", 5, "Fine-tunes to recover from.")
