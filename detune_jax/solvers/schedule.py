@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 
 class RankSchedule(NamedTuple):
-  """Static settings of the rank scheduler (paper Table 9 defaults).
+  """Static settings of the rank scheduler (paper Table 9, but ``threshold``).
 
   Attributes:
     kind: ``"plateau"`` (increase on plateau, the paper's scheduler) or
@@ -37,7 +37,13 @@ class RankSchedule(NamedTuple):
     patience: number of non-improving steps tolerated; the rank increases on
       the ``patience + 1``-th consecutive one.
     threshold: relative improvement needed to count as better
-      (``loss < best * (1 - threshold)``).
+      (``loss < best * (1 - threshold)``). The paper's is 0: any decrease
+      counts. Its randomized M-step makes the loss jitter, so plateaus show;
+      this module's solvers take near-exact M-steps, whose loss can keep
+      falling by tiny amounts at a rank too low for the layer, so the
+      plateau never shows and the rank jumps to the end rank at the forced
+      step, into a wrong basin. ``RankSchedule(threshold=0.0)`` is the
+      paper's setting.
     force_end_rank_percent: the end rank is forced once ``steps *
       (1 - force_end_rank_percent)`` scheduler steps are done.
   """
@@ -45,7 +51,11 @@ class RankSchedule(NamedTuple):
   start_rank: int = 1
   factor: int = 2
   patience: int = 15
-  threshold: float = 0.0
+  # Measured on the shipped MiniLM bench's 240 layers (10 subsets of n=5,
+  # 300 steps): 0 leaves 6 layers stalled near W-Error -6 (the paper's
+  # torch code recovers most of them), 1e-4 leaves 2, 1e-3 to 1e-2 leave 1
+  # (which the paper's code also misses on 2 of 3 seeds).
+  threshold: float = 1e-3
   force_end_rank_percent: float = 0.5
 
 

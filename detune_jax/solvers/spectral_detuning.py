@@ -1278,7 +1278,8 @@ def spectral_detuning(W_primes, rank: Rank, steps: int = 300, *,
       ``i`` at ``rank[i]``).
     steps: maximum number of optimisation steps (paper: 300 for ViT and SD,
       1000 for Mistral).
-    schedule: :class:`RankSchedule` (default: paper Table 9; use
+    schedule: :class:`RankSchedule` (default: paper Table 9 but a plateau
+      threshold, see :class:`RankSchedule`; use
       ``RankSchedule(kind="fixed")`` for the ablation without scheduler).
     svd: truncated SVD of the M-step: ``"subspace"`` (default, warm-started
       subspace iteration), ``"randomized"`` (as ``torch.svd_lowrank``) or
