@@ -24,7 +24,7 @@ from detune_jax.io.models import ModelFiles
 from detune_jax.synthetic import release
 
 __all__ = ["OpenedModels", "open_models", "layer_stacks", "folder_models",
-           "folder_stack"]
+           "folder_stack", "MINILM_DIR"]
 
 
 class OpenedModels(NamedTuple):
@@ -131,21 +131,29 @@ def layer_stacks(base: str, models: Sequence[str], dtype: str = "float32",
   return out
 
 
+# Where the shipped MiniLM bench's rank-16 fine-tunes are merged, in the
+# folder layout below, on first use.
+MINILM_DIR = os.path.join("~", ".cache", "detune_jax", "minilm_bench_merged")
+
+
 def folder_models(root: str, n: int) -> Tuple[str, List[str]]:
   """``(base, the first n fine-tunes)`` of a folder holding ``base/`` and
-  fine-tunes ``ft*`` (as ``python -m experiments.build_minilm_finetunes``
-  writes them), in name order.
+  fine-tunes ``ft*``, in name order. :data:`MINILM_DIR` is made from the
+  shipped MiniLM bench (:func:`detune_jax.lora.bench.merged_folder`) as far
+  as ``n`` needs.
 
   Raises:
-    FileNotFoundError: fewer than ``n`` fine-tunes in ``root`` (the message
-      names the command that builds them).
+    FileNotFoundError: fewer than ``n`` fine-tunes in ``root``.
   """
   root = os.path.expanduser(root)
+  if os.path.abspath(root) == os.path.abspath(os.path.expanduser(MINILM_DIR)):
+    from detune_jax.lora import bench  # pylint: disable=import-outside-toplevel
+    bench.merged_folder(root, n)
   models = sorted(glob.glob(os.path.join(root, "ft*")))
   if len(models) < n:
     raise FileNotFoundError(
-        f"{len(models)} fine-tunes in {root}, need {n}: run "
-        "python -m experiments.build_minilm_finetunes")
+        f"{len(models)} fine-tunes ft* in {root}, need {n} (the default "
+        f"{MINILM_DIR} is made from the shipped MiniLM bench)")
   return os.path.join(root, "base"), models[:n]
 
 

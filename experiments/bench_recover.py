@@ -1,8 +1,8 @@
 r"""Whole-model recovery, wall clock from process start: detune_jax against
 the paper's algorithm run the way the official script runs it.
 
-On the real MiniLM fine-tunes (``experiments.build_minilm_finetunes``: 24
-attention layers of 384x384), each run is a fresh process, timed from its
+On real MiniLM fine-tunes (by default the shipped bench's rank-16 adapters,
+merged: 24 attention layers of 384x384), each run is a fresh process, timed from its
 start to its exit:
 
 * ``reference``: ``experiments.reference_torch`` (torch, a layer at a time,
@@ -31,7 +31,6 @@ report's ``timings``; ``startup`` is the wall time less the run's own
 Needs the ``reference`` extra (torch) and the fine-tunes.
 """
 
-import glob
 import json
 import math
 import os
@@ -45,12 +44,11 @@ import numpy as np
 from absl import app, flags
 from safetensors.numpy import load_file
 
-from detune_jax import metrics
+from detune_jax import metrics, model_stacks
 from detune_jax.io.lowra_writer import write_lowra_bench
 
-flags.DEFINE_string("minilm_dir", os.path.join("~", ".cache", "detune_jax",
-                                               "minilm_finetunes"),
-                    "Output of experiments.build_minilm_finetunes.")
+flags.DEFINE_string("minilm_dir", model_stacks.MINILM_DIR,
+                    "A folder of base/ and fine-tunes ft*/ (default: the shipped MiniLM bench's rank-16 adapters, merged there on first use).")
 flags.DEFINE_integer("n", 5, "Number of fine-tunes (the first n).")
 flags.DEFINE_integer("rank", 16, "LoRA rank given to both.")
 flags.DEFINE_integer("steps", 300, "Steps per layer for both.")
@@ -114,12 +112,10 @@ def _errors(path, base):
 
 def main(argv):
   del argv
-  root = os.path.expanduser(FLAGS.minilm_dir)
-  models = sorted(glob.glob(os.path.join(root, "ft*")))[:FLAGS.n]
-  base_dir = os.path.join(root, "base")
-  if len(models) < FLAGS.n or not os.path.isdir(base_dir):
-    sys.exit(f"{root}: needs base/ and {FLAGS.n} fine-tunes; build them with "
-             "python -m experiments.build_minilm_finetunes")
+  try:
+    base_dir, models = model_stacks.folder_models(FLAGS.minilm_dir, FLAGS.n)
+  except FileNotFoundError as e:
+    sys.exit(str(e))
   base = load_file(os.path.join(base_dir, "model.safetensors"))
   work = tempfile.mkdtemp(prefix="bench_recover_")
   py = sys.executable

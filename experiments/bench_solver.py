@@ -13,7 +13,7 @@ stack.
   python -m experiments.bench_solver --cases=vit,sd,mistral --repeats=3
 
 The ``minilm`` case runs both methods on real LoRA fine-tunes instead
-(``experiments.build_minilm_finetunes``: the 24 attention layers of
+(the shipped bench's rank-16 adapters, merged: the 24 attention layers of
 all-MiniLM-L6-v2, rank 16), n = 5 and 8, and prints each layer's W-Error
 beside the reference's: real LoRAs' steep spectra catch what Gaussian
 stacks do not (a solver that stalls on one layer while the mean looks fine).
@@ -65,10 +65,8 @@ flags.DEFINE_bool("reference", True, "Also run the PyTorch reference.")
 flags.DEFINE_integer("ref_repeats", 0, "Timed repeats of the reference "
                      "(0: same as --repeats).")
 flags.DEFINE_string("json_out", None, "Write all figures to this JSON file.")
-flags.DEFINE_string("minilm_dir", os.path.join("~", ".cache", "detune_jax",
-                                               "minilm_finetunes"),
-                    "minilm case: output of "
-                    "experiments.build_minilm_finetunes.")
+flags.DEFINE_string("minilm_dir", model_stacks.MINILM_DIR,
+                    "A folder of base/ and fine-tunes ft*/ (default: the shipped MiniLM bench's rank-16 adapters, merged there on first use).")
 flags.DEFINE_list("minilm_ns", ["5", "8"], "minilm case: numbers of "
                   "fine-tunes (the first n of --minilm_dir).")
 # Internal: one method of the Mistral case in a fresh process.

@@ -9,7 +9,7 @@ n >= 3), the closed form refined by spectral_detuning, and the default
 * ``correlated``: synthetic LoRAs whose factors share directions;
 * ``gaussian_bf16`` / ``correlated_bf16``: those released in bfloat16;
 * ``minilm`` / ``minilm_bf16``: real LoRA fine-tunes of all-MiniLM-L6-v2
-  (``experiments.build_minilm_finetunes``), merged in float32 or released in
+  (the shipped bench's rank-16 adapters), merged in float32 or released in
   bfloat16.
 
 Usage:
@@ -56,9 +56,8 @@ def define_flags():
   flags.DEFINE_float("shared", 0.8, "Shared fraction of the correlated LoRAs.")
   flags.DEFINE_integer("steps", 300, "Steps of the iterative methods.")
   flags.DEFINE_list("methods", list(METHODS), "Methods to run.")
-  flags.DEFINE_string("minilm_dir", os.path.join("~", ".cache", "detune_jax",
-                                                "minilm_finetunes"),
-                      "Output of experiments.build_minilm_finetunes.")
+  flags.DEFINE_string("minilm_dir", model_stacks.MINILM_DIR,
+                    "A folder of base/ and fine-tunes ft*/ (default: the shipped MiniLM bench's rank-16 adapters, merged there on first use).")
 
 
 METHODS = ("mean_lora", "spectral_detuning", "closed_form",

@@ -2,7 +2,7 @@ r"""Writes LoRA fine-tunes of one base model as a LoWRA Bench-layout dataset.
 
 The official Spectral DeTuning script reads LoWRA Bench (through HF
 ``datasets``), as does ``experiments.recover --lowra_bench``. This writes the
-same layout from merged fine-tunes (e.g. ``experiments.build_minilm_finetunes``)
+same layout from merged fine-tunes
 so that both can run on real fine-tunes side by side
 (:func:`detune_jax.io.lowra_writer.write_lowra_bench`):
 

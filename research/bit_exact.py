@@ -82,7 +82,7 @@ def define_flags():
   """Flags of the binary (defined on run, so that imports never clash)."""
   flags.DEFINE_enum("scenario", "gaussian", ["gaussian", "minilm"],
                     "gaussian (synthetic) or minilm (the cached real "
-                    "fine-tunes of experiments.build_minilm_finetunes).")
+                    "rank-16 fine-tunes of the shipped MiniLM bench).")
   flags.DEFINE_list("ns", ["3", "5"], "Numbers of fine-tunes.")
   flags.DEFINE_integer("dim", 256, "Synthetic layer size.")
   flags.DEFINE_integer("rank", 16, "LoRA rank.")
@@ -112,9 +112,8 @@ def define_flags():
                     "grid_refine's free_steps for the auto rows (0: no free "
                     "projections before the alternation), as "
                     "--grid_snap_from; rows e.g. 'auto+free0'.")
-  flags.DEFINE_string("minilm_dir", os.path.join("~", ".cache", "detune_jax",
-                                                 "minilm_finetunes"),
-                      "Cache of the MiniLM fine-tunes.")
+  flags.DEFINE_string("minilm_dir", model_stacks.MINILM_DIR,
+                    "A folder of base/ and fine-tunes ft*/ (default: the shipped MiniLM bench's rank-16 adapters, merged there on first use).")
   flags.DEFINE_string("json_out", None, "Write the rows to this JSON file.")
   flags.DEFINE_bool("explain", False, "Also look for rank-r updates with which "
                     "the default auto row's base and the true base reproduce "

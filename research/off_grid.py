@@ -55,9 +55,8 @@ def define_flags():
   flags.DEFINE_integer("rank", 4, "LoRA rank (16 for minilm).")
   flags.DEFINE_integer("layers", 2, "Synthetic layers; minilm: the first this "
                        "many layers (0: all 24).")
-  flags.DEFINE_string("minilm_dir", os.path.join("~", ".cache", "detune_jax",
-                                                 "minilm_finetunes"),
-                      "Cache of the MiniLM fine-tunes.")
+  flags.DEFINE_string("minilm_dir", model_stacks.MINILM_DIR,
+                    "A folder of base/ and fine-tunes ft*/ (default: the shipped MiniLM bench's rank-16 adapters, merged there on first use).")
   flags.DEFINE_string("json_out", None, "Write the rows to this JSON file.")
 
 

@@ -108,9 +108,22 @@ def test_frontier_binary_synthetic_scenario_and_table(tmp_path):
   assert (tmp_path / "frontier_gaussian.png").stat().st_size > 1000
 
 
-def test_real_scenarios_need_the_builder():
-  with pytest.raises(FileNotFoundError, match="build_minilm_finetunes"):
+def test_real_scenarios_need_their_fine_tunes():
+  with pytest.raises(FileNotFoundError, match="need 3"):
     model_stacks.folder_stack("/nonexistent", 3)
+
+
+def test_the_default_folder_is_merged_from_the_shipped_bench(tmp_path,
+                                                             monkeypatch):
+  root = tmp_path / "merged"
+  monkeypatch.setattr(model_stacks, "MINILM_DIR", str(root))
+  base, models = model_stacks.folder_models(str(root), 2)
+  assert [os.path.basename(m) for m in models] == ["ft00_lora_00",
+                                                   "ft01_lora_01"]
+  assert os.path.exists(os.path.join(base, "config.json"))
+  W, Wp = model_stacks.folder_stack(str(root), 2)
+  assert W.shape == (24, 384, 384) and Wp.shape == (24, 2, 384, 384)
+  assert 0 < float(np.abs(Wp[:, 0] - W).max()) < 1
 
 
 def test_frontier_scenarios_are_checked():

@@ -127,16 +127,23 @@ def test_study_scores_the_recovery_far_ahead_of_the_baselines():
   assert table.count("\n") == 4 and "| auto | -" in table
 
 
-def test_bf16_release_scores_the_bit_exact_share():
+def test_bf16_release_is_scored_against_the_bf16_base():
   b = study.load_bench([os.path.join(RANK16, f"lora_{i:02d}")
                         for i in range(3)], bench.base_dir())
-  scorer = study.Scorer(b, FEW_TEXTS)
-  rows = study.score_subsets(b, scorer, [[0, 1, 2]], [study.MEAN_LORA],
-                             stacks=study.release(b, study.BF16),
-                             log=lambda _: None)
-  floor = rows["base in bfloat16 (floor)"]
-  assert floor["bit_exact"] == [1.0]
-  assert -9.5 < floor["w_error"][0] < -7.5
+  released = study.release(b, study.BF16)
+  name = b.names[0]
+  truth = released.base[name]
+  np.testing.assert_array_equal(truth, b.base[name].astype(study.BF16))
+  S = released.stacks[(384, 384)]
+  assert S.dtype == study.BF16
+  np.testing.assert_array_equal(
+      S[0, 1], (truth + (b.stacks[(384, 384)][0, 1] - b.base[name])
+                ).astype(study.BF16))
+  scorer = study.Scorer(released, FEW_TEXTS)
+  assert scorer.bit_exact(released.truth, study.BF16) == 1.0
+  assert scorer.sbert(released.truth) < -15
+  rows = study.score_subsets(released, scorer, [[0, 1, 2]],
+                             [study.MEAN_LORA], log=lambda _: None)
   assert 0 < rows[study.MEAN_LORA]["bit_exact"][0] < 0.5
 
 

@@ -113,9 +113,21 @@ def load_bench(adapter_dirs: Sequence[str], model_dir: str) -> Bench:
                groups, stacks, base, config)
 
 
-def release(bench: Bench, dtype) -> Dict[Tuple[int, int], np.ndarray]:
-  """The stacks as a release in ``dtype`` ships them (e.g. bfloat16)."""
-  return {s: S.astype(dtype) for s, S in bench.stacks.items()}
+def release(bench: Bench, dtype) -> Bench:
+  """The bench as a release in ``dtype`` (e.g. bfloat16) ships: the base
+  rounded to ``dtype`` (every float tensor; it is then the truth), and each
+  fine-tune its update added to that base and rounded, ``round(round(W) +
+  s B A)``. Stacks are in ``dtype``, the base float32 on ``dtype``'s grid."""
+  dtype = np.dtype(dtype)
+  base = {n: (t.astype(dtype).astype(np.float32)
+              if np.issubdtype(t.dtype, np.floating) else t)
+          for n, t in bench.base.items()}
+  stacks = {}
+  for shape, group in bench.groups.items():
+    W = np.stack([bench.base[n] for n in group])[:, None]
+    R = np.stack([base[n] for n in group])[:, None]
+    stacks[shape] = (R + (bench.stacks[shape] - W)).astype(dtype)
+  return bench._replace(base=base, stacks=stacks)
 
 
 def finetune_layers(bench: Bench, stacks, j: int) -> Layers:
@@ -132,8 +144,9 @@ def recover_layers(bench: Bench, stacks, idx: Sequence[int], method: str, *,
 
   Args:
     bench: the bench.
-    stacks: its stacks (:attr:`Bench.stacks` or a :func:`release`); low-
-      precision stacks take the solvers' dtype-aware step as the pipeline.
+    stacks: its stacks (:attr:`Bench.stacks`); low-precision stacks (a
+      :func:`release`) take the solvers' dtype-aware step as the pipeline
+      does.
     idx: which fine-tunes (columns).
     method: ``"Mean-LoRA"``, ``"Spectral DeTuning"`` (the paper's
       algorithm: float32, no dtype-aware step), ``"auto"``, or a name of
@@ -245,7 +258,8 @@ def score_subsets(bench: Bench, scorer: Scorer, subsets: Sequence[Sequence[int]]
     scorer: its scorer.
     subsets: lists of fine-tune indices.
     methods: rows (:data:`METHODS`).
-    stacks: the release (default :attr:`Bench.stacks`, float32).
+    stacks: the fine-tunes (default :attr:`Bench.stacks`; a
+      :func:`release` is a bench of its own, with its own truth).
     steps: iterative solvers' steps.
     seed: their seed.
     extra: more rows ``(row name, solver or method, rank schedule)`` scored
@@ -265,14 +279,6 @@ def score_subsets(bench: Bench, scorer: Scorer, subsets: Sequence[Sequence[int]]
               "bit_exact": [], "seconds": []}
           for m in list(methods) + [e[0] for e in extra]}
   cache: Dict[int, Tuple[np.ndarray, float]] = {}
-  floor = None
-  if low is not None:
-    # What no method can beat on W-Error: the base itself in the release's
-    # dtype (its bit-exact share is 100%).
-    floor = f"base in {low.name} (floor)"
-    rows[floor] = {k: [] for k in rows[methods[0]]}
-    floor_layers = {n: bench.base[n].astype(low).astype(np.float32)
-                    for n in bench.names}
 
   def add(row, layers, seconds, semantic=True):
     per_layer = scorer.layer_w_errors(layers)
@@ -307,12 +313,6 @@ def score_subsets(bench: Bench, scorer: Scorer, subsets: Sequence[Sequence[int]]
                                        steps=steps, seed=seed,
                                        schedule=schedule)
       add(row, layers, seconds, semantic=False)
-    if floor is not None:
-      if not rows[floor]["w_error"]:
-        add(floor, floor_layers, 0.0)
-      else:
-        for k, v in rows[floor].items():
-          v.append(v[0])
     log(f"  subset {s + 1}/{len(subsets)} {list(idx)}: " + "  ".join(
         f"{m} {rows[m]['w_error'][-1]:.2f}" for m in rows))
   return rows

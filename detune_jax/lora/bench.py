@@ -278,3 +278,29 @@ def write_lowra(subset_dir: str, lowra_dir: str,
   return lowra_writer.write_lowra_adapters(
       model_dir or base_dir(), adapters, lowra_dir,
       lowra_subset(record.get("subset", "rank16")))
+
+
+def merged_folder(root: str, n: Optional[int] = None,
+                  subset_dir: Optional[str] = None,
+                  model_dir: Optional[str] = None) -> List[str]:
+  """Merges the first ``n`` adapters of a subset (default the shipped
+  ``rank16``) into ``root/ft{i:02d}_{adapter}/`` where not there yet, with
+  ``root/base`` linking to the base: the folder layout of
+  :func:`detune_jax.model_stacks.folder_models`. Returns the fine-tunes'
+  directories."""
+  subset_dir = subset_dir or bench_dir()
+  record = read_bench(subset_dir)
+  if record is None:
+    raise ValueError(f"{subset_dir}: no {BENCH_JSON}")
+  names = [a["name"] for a in record["adapters"]][:n]
+  os.makedirs(root, exist_ok=True)
+  link = os.path.join(root, "base")
+  if not os.path.exists(link):
+    os.symlink(os.path.abspath(model_dir or base_dir()), link)
+  out = []
+  for i, name in enumerate(names):
+    d = os.path.join(root, f"ft{i:02d}_{name}")
+    if not os.path.exists(os.path.join(d, "model.safetensors")):
+      merged_model(os.path.join(subset_dir, name), d, model_dir)
+    out.append(d)
+  return out
