@@ -32,6 +32,7 @@ import json  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import os
 import sys
 
+import jax
 from absl import app, flags
 
 from detune_jax import plots, timings
@@ -178,12 +179,21 @@ def main(argv):
     md.append(f"## {part} ({res['seconds']:.0f} s)\n\n{text}\n")
     print(text)
     print(f"{part}: {res['seconds']:.1f}s")
-  results["total_seconds"] = round(time.time() - _START, 1)
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
-  with open(os.path.join(out, "tables.md"), "w") as f:
-    f.write("\n".join(md))
+    results["total_seconds"] = round(time.time() - _START, 1)
+    _write(out, results, md)  # after every part: a crash keeps the others
+    # Each part compiles its own programs (shapes, n); dropping the earlier
+    # ones keeps a whole run's compiled code (and its memory maps) bounded.
+    jax.clear_caches()
   print(f"results in {out}/; total time {results['total_seconds']:.1f}s")
+
+
+def _write(out, results, md):
+  for name, text in (("results.json", json.dumps(results, indent=1)),
+                     ("tables.md", "\n".join(md))):
+    path = os.path.join(out, name)
+    with open(path + ".tmp", "w") as f:
+      f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -52,9 +52,10 @@ class RankSchedule(NamedTuple):
   factor: int = 2
   patience: int = 15
   # Measured on the shipped MiniLM bench's 240 layers (10 subsets of n=5,
-  # 300 steps): 0 leaves 6 layers stalled near W-Error -6 (the paper's
-  # torch code recovers most of them), 1e-4 leaves 2, 1e-3 to 1e-2 leave 1
-  # (which the paper's code also misses on 2 of 3 seeds).
+  # 300 steps; python -m research.plateau_threshold --torch): 0 leaves 6
+  # layers stalled near W-Error -6 (the paper's torch code recovers most of
+  # them), 1e-4 leaves 2, 1e-3 and 1e-2 leave 1 (which the paper's code
+  # also misses on 2 of 3 seeds).
   threshold: float = 1e-3
   force_end_rank_percent: float = 0.5
 
