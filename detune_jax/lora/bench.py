@@ -32,7 +32,6 @@ import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import ml_dtypes
-import numpy as np
 
 from detune_jax.io import lowra_writer, peft
 from detune_jax.io.safetensors_io import save_file
