@@ -130,30 +130,28 @@ def release(bench: Bench, dtype) -> Bench:
   return bench._replace(base=base, stacks=stacks)
 
 
-def finetune_layers(bench: Bench, stacks, j: int) -> Layers:
-  """Fine-tune ``j``'s matrices (float32) from ``stacks``."""
-  return {n: np.asarray(stacks[s][l, j], np.float32)
+def finetune_layers(bench: Bench, j: int) -> Layers:
+  """Fine-tune ``j``'s matrices (float32)."""
+  return {n: np.asarray(bench.stacks[s][l, j], np.float32)
           for s, group in bench.groups.items() for l, n in enumerate(group)}
 
 
-def recover_layers(bench: Bench, stacks, idx: Sequence[int], method: str, *,
+def recover_layers(bench: Bench, idx: Sequence[int], method: str, *,
                    steps: int = 300, seed: int = 0,
                    schedule: Optional[RankSchedule] = None
                    ) -> Tuple[Layers, float]:
-  """Recovers the fine-tuned matrices from fine-tunes ``idx`` of ``stacks``.
+  """Recovers the fine-tuned matrices from fine-tunes ``idx`` of the bench.
 
   Args:
-    bench: the bench.
-    stacks: its stacks (:attr:`Bench.stacks`); low-precision stacks (a
-      :func:`release`) take the solvers' dtype-aware step as the pipeline
-      does.
+    bench: the bench (low-precision stacks, a :func:`release`, take the
+      solvers' dtype-aware step as the pipeline does).
     idx: which fine-tunes (columns).
     method: ``"Mean-LoRA"``, ``"Spectral DeTuning"`` (the paper's
       algorithm: float32, no dtype-aware step), ``"auto"``, or a name of
       the solver registry.
     steps: iterative solvers' steps.
     seed: their seed.
-    schedule: Spectral DeTuning's rank schedule (default the paper's).
+    schedule: Spectral DeTuning's rank schedule (default :class:`RankSchedule`).
 
   Returns:
     ``({name: float32 [d, k]}, seconds)``.
@@ -171,7 +169,7 @@ def recover_layers(bench: Bench, stacks, idx: Sequence[int], method: str, *,
   t0 = time.time()
   out = {}
   for shape, group in bench.groups.items():
-    W, _ = registry.solve(stacks[shape][:, idx], rank, solver=solver,
+    W, _ = registry.solve(bench.stacks[shape][:, idx], rank, solver=solver,
                           steps=steps, seed=seed, **options)
     W = np.asarray(W, np.float32)
     out.update({n: W[l] for l, n in enumerate(group)})
@@ -247,7 +245,7 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 def score_subsets(bench: Bench, scorer: Scorer, subsets: Sequence[Sequence[int]],
-                  methods: Sequence[str] = METHODS, *, stacks=None,
+                  methods: Sequence[str] = METHODS, *,
                   steps: int = 300, seed: int = 0,
                   extra: Sequence[Tuple[str, str, RankSchedule]] = (),
                   log=print) -> dict:
@@ -258,8 +256,6 @@ def score_subsets(bench: Bench, scorer: Scorer, subsets: Sequence[Sequence[int]]
     scorer: its scorer.
     subsets: lists of fine-tune indices.
     methods: rows (:data:`METHODS`).
-    stacks: the fine-tunes (default :attr:`Bench.stacks`; a
-      :func:`release` is a bench of its own, with its own truth).
     steps: iterative solvers' steps.
     seed: their seed.
     extra: more rows ``(row name, solver or method, rank schedule)`` scored
@@ -272,8 +268,7 @@ def score_subsets(bench: Bench, scorer: Scorer, subsets: Sequence[Sequence[int]]
     (``bit_exact`` only for low-precision releases; LoRA-FT's entries are
     the means over the subset's fine-tunes, its ``seconds`` 0).
   """
-  stacks = bench.stacks if stacks is None else stacks
-  low = next(iter(stacks.values())).dtype
+  low = next(iter(bench.stacks.values())).dtype
   low = low if low.itemsize < 4 else None
   rows = {m: {"w_error": [], "sbert": [], "layer_w_error": [],
               "bit_exact": [], "seconds": []}
@@ -296,7 +291,7 @@ def score_subsets(bench: Bench, scorer: Scorer, subsets: Sequence[Sequence[int]]
       if m == LORA_FT:
         for j in idx:
           if j not in cache:
-            layers = finetune_layers(bench, stacks, j)
+            layers = finetune_layers(bench, j)
             cache[j] = (scorer.layer_w_errors(layers), scorer.sbert(layers))
         per_layer = np.mean([cache[j][0] for j in idx], 0)
         r = rows[m]
@@ -305,11 +300,11 @@ def score_subsets(bench: Bench, scorer: Scorer, subsets: Sequence[Sequence[int]]
         r["sbert"].append(float(np.mean([cache[j][1] for j in idx])))
         r["seconds"].append(0.0)
         continue
-      layers, seconds = recover_layers(bench, stacks, idx, m, steps=steps,
+      layers, seconds = recover_layers(bench, idx, m, steps=steps,
                                        seed=seed)
       add(m, layers, seconds)
     for row, method, schedule in extra:
-      layers, seconds = recover_layers(bench, stacks, idx, method,
+      layers, seconds = recover_layers(bench, idx, method,
                                        steps=steps, seed=seed,
                                        schedule=schedule)
       add(row, layers, seconds, semantic=False)
