@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax import nnx
+
 from detune_jax.io.errors import BadInputError
 from detune_jax.models import generation, llama
 
@@ -224,3 +226,15 @@ def test_text_generator_tokenises_templates_and_decodes(tiny, tmp_path):
   # Another model of the same architecture reuses the generator.
   gen.use(llama.load(path))
   assert gen.generate(["w9 w10", "w11"], max_new_tokens=6) == texts
+
+
+def test_one_compile_serves_every_token_and_prompt_of_a_bucket(tiny):
+  _, path, port = tiny
+  kw = dict(max_new_tokens=9, batch_size=2, buckets=(16,))
+  generation.generate_ids(port, [[5, 6, 7]], **kw)
+  generation.generate_ids(port, [[8, 9], [10, 11, 12, 13, 14]], **kw)
+  # Another model of the same architecture reuses the program too.
+  generation.generate_ids(llama.load(path), [[3] * 16], **kw)
+  program = generation._program(nnx.graphdef(port), 9, generation.GREEDY,
+                                port.config.eos_token_id, PAD, True)
+  assert program._cache_size() == 1

@@ -152,7 +152,7 @@ def generations_markdown(result: Dict, prompts: Sequence[int] = (0, 1, 2),
   """Side-by-side continuations of a few prompts (the paper's Fig. 2)."""
   rows = rows or ["Base"] + list(result["texts"])
   out = []
-  for p in prompts:
+  for p in [p for p in prompts if p < len(result["prompts"])]:
     out.append(f"**Prompt:** {result['prompts'][p]}\n")
     out.append("| model | continuation |\n|---|---|")
     for row in rows:
