@@ -1,5 +1,6 @@
 """Shared fixtures: tiny LoRA fine-tuned models on disk."""
 
+import gc
 import os
 import tempfile
 
@@ -33,3 +34,15 @@ def make_tiny(root, **kwargs):
 def tiny_models(tmp_path_factory):
   """``(model dirs, base dir)`` of 4 float32 tiny fine-tunes."""
   return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+  """Drops each test module's compiled programs when it ends: one process
+  runs them all, and every XLA:CPU executable holds memory maps, so without
+  this the suite nears the kernel's map limit (vm.max_map_count, 65530)
+  and LLVM's allocations fail late in the run."""
+  yield
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.clear_caches()
+  gc.collect()

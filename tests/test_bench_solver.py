@@ -49,6 +49,7 @@ def test_reference_vs_detune_jax_on_a_small_layer():
   np.testing.assert_allclose(W_jax, W_ref.numpy(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_benchmark_binary_smoke(tmp_path):
   out = tmp_path / "bench.json"
   cmd = [sys.executable, "-m", "experiments.bench_solver", "--cases=vit",
@@ -67,6 +68,7 @@ def test_benchmark_binary_smoke(tmp_path):
   assert "the one-pass floor of those steps" in proc.stdout
 
 
+@pytest.mark.slow
 def test_closed_form_benchmark_bf16_smoke(tmp_path):
   """bench_closed_form --dtype=bfloat16 times `auto` with the grid step and
   reports the step's memory analysis against the pipeline's budget."""

@@ -10,6 +10,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import detune_jax as dj
 from detune_jax.solvers import grid
@@ -17,6 +18,7 @@ from detune_jax.synthetic import lora_stack
 from research import identifiability
 
 
+@pytest.mark.slow
 def test_bit_exact_binary_with_explain(tmp_path):
   out = tmp_path / "rows.json"
   proc = subprocess.run(
@@ -51,6 +53,7 @@ def test_bit_exact_binary_with_explain(tmp_path):
   assert rows["swaps_oracle"]["differ"] == 0.0
 
 
+@pytest.mark.slow
 def test_lowrank_probe_binary(tmp_path):
   """At low rank (r = d/32) the grid step loses weights even from the true
   base, where a converged continuous fit keeps them; auto's errors sit at
@@ -173,6 +176,7 @@ def test_auto_errors_at_low_rank_are_open_or_closed_to_first_order():
   assert (margins < 0).all()
 
 
+@pytest.mark.slow
 def test_off_grid_binary(tmp_path):
   """``research.off_grid``: on releases rounded from a base on the grid
   the grid step gains and ``auto`` keeps it; on float32 merges each rounded

@@ -27,6 +27,7 @@ def _layer(dim, rank, layer):
           np.asarray(jnp.asarray(truths[layer], jnp.float32)))
 
 
+@pytest.mark.slow
 def test_search_finds_an_explained_base_with_more_weights_right():
   # 32x32, rank 1, n=3, bf16, layer 7: auto's output (the grid step without
   # re-reading the entries in doubt or momentum, as in the documented runs)

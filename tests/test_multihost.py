@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
 from conftest import make_tiny
 from detune_jax import pipeline
@@ -22,6 +23,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   models, base = make_tiny(tmp_path / "m", shards=2)
   out = tmp_path / "out"

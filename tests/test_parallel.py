@@ -12,6 +12,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import detune_jax
 from detune_jax import parallel
@@ -86,6 +87,7 @@ def test_layer_mesh_is_one_dimensional():
   assert mesh.devices.size == len(jax.devices())
 
 
+@pytest.mark.slow
 def test_eight_fake_cpu_devices_match_one_device():
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +

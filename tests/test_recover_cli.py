@@ -246,6 +246,7 @@ def test_help_lists_user_flags_only():
   assert "Testing" not in text and "kill" not in text
 
 
+@pytest.mark.slow
 def test_explain_steps_flag(tmp_path):
   import ml_dtypes
   models, _ = make_tiny(tmp_path / "m", dtype=ml_dtypes.bfloat16)
