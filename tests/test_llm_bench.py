@@ -37,12 +37,12 @@ def test_shipped_bench_has_12_rank_8_qkvo_adapters_that_learned():
     tensors = load_file(os.path.join(llm_bench.bench_dir(), a["name"],
                                      "adapter_model.safetensors"))
     assert len(tensors) == 30 * 4 * 2
-    a_q = tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_A"
+    a_k = tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_A"
                   ".weight"]
     b_k = tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_B"
                   ".weight"]
-    assert a_q.shape == (8, 576) and b_k.shape == (192, 8)
-    assert a_q.dtype == ml_dtypes.bfloat16
+    assert a_k.shape == (8, 576) and b_k.shape == (192, 8)
+    assert a_k.dtype == ml_dtypes.bfloat16
   # n r = 96 below the smallest fine-tuned dimension, as the paper keeps it.
   assert len(names) * record["settings"]["rank"] < 192
 
