@@ -149,9 +149,8 @@ def evaluate_llama(reference: str, candidates: Sequence[str],
       DEFAULT_PROMPTS)
   tok_dir = checkpoint.config_dir(reference)
   ref_config = check_models(reference, candidates)
-  embed = bert.SentenceEncoder(
-      bert.load(sbert_dir or default_sbert_dir()),
-      sbert_dir or default_sbert_dir())
+  sbert_dir = sbert_dir or default_sbert_dir()
+  embed = bert.SentenceEncoder(bert.load(sbert_dir), sbert_dir)
   kw = dict(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
             chat=chat)
   progress(reference)
