@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from flax import nnx
 
@@ -158,7 +159,8 @@ def test_bf16_loads_in_bf16_and_stays_close(tiny):
 
 @pytest.mark.parametrize("key,value", [
     ("model_type", "gemma"),
-    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}),
+    ("rope_scaling", {"rope_type": "yarn", "factor": 8.0}),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}),  # incomplete
     ("hidden_act", "gelu"),
     ("partial_rotary_factor", 0.5),
 ])
@@ -181,7 +183,7 @@ def test_old_config_layout_reads_rope_theta():
 
 
 def test_missing_tensor_is_named(tiny, tmp_path):
-  from safetensors.numpy import load_file, save_file
+  from safetensors.numpy import save_file
   _, path, _ = tiny
   tensors = load_file(os.path.join(path, "model.safetensors"))
   del tensors["model.layers.1.self_attn.k_proj.weight"]
@@ -238,3 +240,33 @@ def test_one_compile_serves_every_token_and_prompt_of_a_bucket(tiny):
   program = generation._program(nnx.graphdef(port), 9, generation.GREEDY,
                                 port.config.eos_token_id, PAD, True)
   assert program._cache_size() == 1
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+     "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+])
+def test_rope_scaling_vs_reference(tmp_path, scaling):
+  torch.manual_seed(2)
+  cfg = transformers.LlamaConfig(
+      vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+      max_position_embeddings=128, rope_theta=5e4, initializer_range=0.5,
+      rope_scaling=scaling)
+  model = transformers.LlamaForCausalLM(cfg).eval()
+  model.save_pretrained(str(tmp_path))
+  port = llama.load(str(tmp_path))
+  assert dict(port.config.rope_scaling)["rope_type"] == scaling["rope_type"]
+  ids = np.random.RandomState(0).randint(3, VOCAB, (1, 40))
+  with torch.no_grad():
+    ref = model(torch.tensor(ids)).logits.numpy()
+  out = np.asarray(port(jnp.asarray(ids)))
+  assert np.abs(out - ref).max() <= LOGITS_TOL
+  # The scaling is not a no-op on these positions.
+  with open(tmp_path / "config.json") as f:
+    unscaled = {**json.load(f), "rope_scaling": None,
+                "rope_parameters": {"rope_theta": 5e4, "rope_type": "default"}}
+  plain = llama.from_tensors(load_file(str(tmp_path / "model.safetensors")),
+                             unscaled)
+  assert np.abs(np.asarray(plain(jnp.asarray(ids))) - ref).max() > 1e-3

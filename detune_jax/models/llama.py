@@ -2,7 +2,8 @@
 ``MistralForCausalLM`` as one port.
 
 Pre-norm decoder layers with RMSNorm, rotary position embeddings with the
-config's ``rope_theta`` (SmolLM2 uses 1e5, Llama 2 and Mistral 1e4),
+config's ``rope_theta`` (SmolLM2 uses 1e5, Llama 2 and Mistral 1e4) and its
+``linear`` or ``llama3`` (Llama 3.1) scaling,
 grouped-query attention (``num_key_value_heads``), the SwiGLU MLP
 ``down(silu(gate(x)) * up(x))``, Mistral's sliding window, and a tied or
 untied LM head, all read from ``config.json``; a config key that changes the
@@ -79,6 +80,16 @@ _UNSUPPORTED = {
 }
 
 
+# Rotary scalings the port follows, with the parameters each needs (as
+# transformers' ``modeling_rope_utils`` reads them).
+_ROPE_PARAMETERS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+               "original_max_position_embeddings"),
+}
+
+
 class LlamaConfig(NamedTuple):
   """The fields of HF's ``LlamaConfig`` / ``MistralConfig`` the maths uses.
 
@@ -102,6 +113,9 @@ class LlamaConfig(NamedTuple):
   bos_token_id: Optional[int] = None
   eos_token_id: Tuple[int, ...] = ()
   pad_token_id: Optional[int] = None
+  # ``(("rope_type", "linear" | "llama3"), (parameter, value), ...)``
+  # sorted, or None: unscaled rotary embeddings.
+  rope_scaling: Optional[Tuple[Tuple[str, object], ...]] = None
 
   @property
   def kv_heads(self) -> int:
@@ -135,22 +149,30 @@ class LlamaConfig(NamedTuple):
       raise BadInputError(source, "layer_types mixes attention kinds "
                           f"({sorted(set(config['layer_types']))}); not "
                           "supported")
-    rope = dict(config.get("rope_parameters") or {})
-    scaling = config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or scaling.get(
-        "rope_type", scaling.get("type", "default"))
-    if rope_type != "default":
+    rope = dict(config.get("rope_scaling") or {})
+    rope.update(config.get("rope_parameters") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in _ROPE_PARAMETERS:
       raise BadInputError(source, f"rope scaling {rope_type!r} is not "
-                          "supported (only unscaled rotary embeddings)")
+                          f"supported (only {sorted(_ROPE_PARAMETERS)})")
+    missing = [k for k in _ROPE_PARAMETERS[rope_type] if k not in rope]
+    if missing:
+      raise BadInputError(source, f"rope scaling {rope_type!r} without "
+                          f"{missing}")
+    scaling = None if rope_type == "default" else tuple(sorted(
+        [("rope_type", rope_type)]
+        + [(k, float(rope[k])) for k in _ROPE_PARAMETERS[rope_type]]))
     theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     eos = config.get("eos_token_id")
     eos = () if eos is None else tuple(np.atleast_1d(eos).astype(int).tolist())
     window = config.get("sliding_window") if model_type == "mistral" else None
     fields = {f: config[f] for f in cls._fields
               if f in config and config[f] is not None
-              and f not in ("rope_theta", "eos_token_id", "sliding_window")}
+              and f not in ("rope_theta", "eos_token_id", "sliding_window",
+                            "rope_scaling")}
     return cls(**fields, rope_theta=float(theta), eos_token_id=eos,
-               sliding_window=None if window is None else int(window))
+               sliding_window=None if window is None else int(window),
+               rope_scaling=scaling)
 
 
 class RMSNorm(nnx.Module):
@@ -167,11 +189,35 @@ class RMSNorm(nnx.Module):
     return self.weight[...] * y.astype(x.dtype)
 
 
-def rope_tables(positions: jax.Array, dim: int,
-                theta: float) -> Tuple[jax.Array, jax.Array]:
+def inverse_frequencies(dim: int, theta: float,
+                        scaling: Optional[Tuple] = None) -> np.ndarray:
+  """The rotary embedding's ``[dim / 2]`` inverse frequencies, scaled as
+  ``scaling`` (:attr:`LlamaConfig.rope_scaling`) says: ``linear`` divides
+  them by ``factor``; ``llama3`` divides the low frequencies by ``factor``,
+  keeps the high ones and interpolates between (Llama 3.1)."""
+  inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+  s = dict(scaling or ())
+  kind = s.get("rope_type", "default")
+  if kind == "linear":
+    inv_freq = inv_freq / s["factor"]
+  elif kind == "llama3":
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old = s["original_max_position_embeddings"]
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    inv_freq = np.where(medium, smoothed, scaled)
+  return inv_freq.astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, dim: int, theta: float,
+                scaling: Optional[Tuple] = None
+                ) -> Tuple[jax.Array, jax.Array]:
   """``cos, sin [..., dim]`` of the rotary embedding at integer
   ``positions``, in float32 (HF's layout: the frequencies twice over)."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  inv_freq = jnp.asarray(inverse_frequencies(dim, theta, scaling))
   angles = positions.astype(jnp.float32)[..., None] * inv_freq
   angles = jnp.concatenate([angles, angles], -1)
   return jnp.cos(angles), jnp.sin(angles)
@@ -349,7 +395,7 @@ class Llama(nnx.Module):
     mask = visible(q_slots, k_slots, key_mask,
                              self.config.sliding_window)
     cos, sin = rope_tables(positions, self.config.dim_per_head,
-                           self.config.rope_theta)
+                           self.config.rope_theta, self.config.rope_scaling)
     x = self.embed_tokens(input_ids)
     new_layers = []
     for i, layer in enumerate(self.layers):
