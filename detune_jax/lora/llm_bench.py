@@ -18,12 +18,9 @@ factors, about 11 MB).
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import time
 from typing import Callable, Optional
-
-import numpy as np
 
 from detune_jax.io.errors import BadInputError
 from detune_jax.lora import bench as minilm_bench
@@ -52,6 +49,16 @@ def gguf_path() -> str:
   path = os.path.join(spec.submodule_search_locations[0], GGUF_FILE)
   if not os.path.exists(path):
     raise BadInputError(path, f"missing; reinstall with `{INSTALL}`")
+  return path
+
+
+def resolve_base(path: Optional[str] = None) -> str:
+  """``path`` (an HF model directory, checked) or, when None,
+  :func:`base_dir`."""
+  if path is None:
+    return base_dir()
+  if not os.path.exists(os.path.join(path, "config.json")):
+    raise BadInputError(path, "no config.json (an HF model directory)")
   return path
 
 
@@ -108,7 +115,7 @@ def build(out_dir: str, *, model_dir: Optional[str] = None, n: int = N,
   model_dir = model_dir or base_dir()
   os.makedirs(out_dir, exist_ok=True)
   old = minilm_bench.read_bench(out_dir) or {}
-  same = old.get("settings") == _settings_json(settings)
+  same = old.get("settings") == minilm_bench.settings_json(settings)
   done = {a["name"]: a for a in old.get("adapters", []) if same and all(
       os.path.exists(os.path.join(out_dir, a["name"], f))
       for f in minilm_bench.FILES)}
@@ -121,9 +128,7 @@ def build(out_dir: str, *, model_dir: Optional[str] = None, n: int = N,
     if name in done:
       continue
     t0 = time.time()
-    rng = np.random.default_rng(seed)
-    index = np.sort(rng.permutation(len(pool))[:int(round(FRACTION *
-                                                          len(pool)))])
+    index = instructions.subset_index(len(pool), seed, FRACTION)
     r = causal_lm.train(model, settings._replace(seed=seed), encoded, index,
                         held_out)
     minilm_bench.save_adapter(r.adapter, settings,
@@ -143,20 +148,10 @@ def build(out_dir: str, *, model_dir: Optional[str] = None, n: int = N,
   return _write(out_dir, settings, done, names, seconds)
 
 
-def _settings_json(settings: LoraSettings) -> dict:
-  d = settings._asdict()
-  d.pop("seed")
-  return json.loads(json.dumps(d))
-
-
 def _write(out_dir, settings, done, names, seconds) -> dict:
-  record = {"base": BASE_NAME, "settings": _settings_json(settings),
-            "fraction": FRACTION, "max_length": MAX_LENGTH,
-            "factor_dtype": "bfloat16",
-            "adapters": [done[n] for n in names if n in done],
-            "build_seconds": round(seconds, 1)}
-  tmp = os.path.join(out_dir, minilm_bench.BENCH_JSON + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(record, f, indent=2)
-  os.replace(tmp, os.path.join(out_dir, minilm_bench.BENCH_JSON))
-  return record
+  return minilm_bench.write_bench(out_dir, {
+      "base": BASE_NAME, "settings": minilm_bench.settings_json(settings),
+      "fraction": FRACTION, "max_length": MAX_LENGTH,
+      "factor_dtype": "bfloat16",
+      "adapters": [done[n] for n in names if n in done],
+      "build_seconds": round(seconds, 1)})

@@ -15,7 +15,7 @@ adapter helps its task where its held-out accuracy beats that baseline's.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
